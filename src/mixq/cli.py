@@ -1,0 +1,229 @@
+"""Command line: ``mixq formats``, ``mixq quantize``, ``mixq eval``."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from mixq.errors import MixqError
+
+PRESETS = ("int8", "int4-g128", "int3-g128", "nf4-g64", "mxfp4")
+
+
+def _shared(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and evaluation")
+    g.add_argument("--model", default="smollm2-135m", help="named model (smollm2-135m, gemma3-270m), a .gguf file or a Hugging Face folder")
+    g.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    g.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
+    g.add_argument("--nsamples", type=int, default=128, help="calibration windows (calibrated solvers)")
+    g.add_argument("--data-dir", default=None, help="data directory (default: $MIXQ_DATA_DIR)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    g.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: float16 on cuda, float32 on cpu)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default 8 on cuda, 2 on cpu)")
+    g.add_argument("--json", action="store_true", help="print one JSON object per result on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixq", description="Mixed-precision weight quantization of transformer LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("formats", help="list the number formats with their bits per weight")
+    f.add_argument("--cols", type=int, default=4096, help="row width used for per-channel overheads (default 4096)")
+    f.add_argument("--json", action="store_true")
+
+    q = sub.add_parser("quantize", help="quantize a model with a plan and save it")
+    q.add_argument("--plan", required=True, help="plan file (.yaml/.json) or preset (e.g. int4-g128)")
+    q.add_argument("--out", required=True, help="output folder")
+    _shared(q)
+
+    e = sub.add_parser("eval", help="quantize (optionally) and evaluate perplexity")
+    e.add_argument("--plan", action="append", default=None,
+                   help="plan file or preset; repeat or comma-separate to compare several (base = unquantized)")
+    e.add_argument("--dataset", default="wikitext2", help="wikitext2, or a .txt/.jsonl file")
+    e.add_argument("--split", default="test")
+    e.add_argument("--kl", action="store_true", help="also report KL(base ‖ quantized) on the same windows")
+    _shared(e)
+    return parser
+
+
+# -- helpers -----------------------------------------------------------------------------
+def _setup(args: argparse.Namespace) -> tuple[str, str, int]:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MixqError("--device cuda: no CUDA device is available")
+    dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
+    batch = args.batch_size or (8 if device.startswith("cuda") else 2)
+    if args.seqlen < 2:
+        raise MixqError(f"--seqlen must be at least 2, got {args.seqlen}")
+    if args.limit is not None and args.limit < 1:
+        raise MixqError(f"--limit must be positive, got {args.limit}")
+    torch.manual_seed(args.seed)
+    return device, dtype, batch
+
+
+def _plans(values: list[str] | None) -> list[tuple[str, Any]]:
+    from mixq.plan import Plan
+
+    names = [v.strip() for value in (values or ["base"]) for v in value.split(",") if v.strip()]
+    return [(n if not Path(n).suffix else Path(n).stem, Plan.parse(n)) for n in names]
+
+
+def _log(args: argparse.Namespace, msg: str) -> None:
+    print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+
+# -- commands ----------------------------------------------------------------------------
+def cmd_formats(args: argparse.Namespace) -> int:
+    from mixq.formats import families, parse_format
+
+    examples = ["int8", "int8-sym", "int4-g128", "int4-g32", "int4-fmin-g32", "int3-g128", "int2-g64",
+                "fp8-e4m3", "fp8-e5m2", "fp6-e3m2", "fp6-e2m3", "fp4-e2m1", "fp8-e4m3-dn", "log4", "nf4-g64",
+                "nf3-g64", "mxfp4", "mxfp6-e3m2", "mxfp8-e4m3", "mxint8", "bfp4-g16", "bmf6-e3m2-g16", "blog4-g16"]
+    rows = [(n, parse_format(n).bits_per_weight((1, args.cols))) for n in examples]
+    if args.json:
+        print(json.dumps({"families": families(), "formats": {n: b for n, b in rows}, "cols": args.cols}))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"formats (bits per weight for rows of {args.cols})")
+    table.add_column("format")
+    table.add_column("bits/weight", justify="right")
+    for n, b in rows:
+        table.add_row(n, f"{b:.4f}")
+    console = Console()
+    console.print(table)
+    for prefix, text in families().items():
+        console.print(f"[bold]{prefix}[/bold]  {text}")
+    return 0
+
+
+def _load(args: argparse.Namespace, device: str, dtype: str):  # type: ignore[no-untyped-def]
+    from mixq.models import load_model
+
+    _log(args, f"loading {args.model} ({dtype}, {device})")
+    return load_model(args.model, dtype=dtype, device=device)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from mixq.plan import Plan
+    from mixq.provenance import provenance
+    from mixq.quantize import quantize_
+
+    device, dtype, _ = _setup(args)
+    plan = Plan.parse(args.plan)
+    out = Path(args.out)
+    loaded = _load(args, device, dtype)
+    report = plan.size_report(loaded.model)  # validates the plan before any work
+    result = quantize_(loaded.model, plan, progress=not args.json)
+    out.mkdir(parents=True, exist_ok=True)
+    plan.save(out / "plan.yaml")
+    tensors = {}
+    for name, layer in result.layers.items():
+        tensors[f"{name}.codes"] = layer.qtensor.codes.contiguous().cpu()
+        for k, v in layer.qtensor.params.items():
+            tensors[f"{name}.{k}"] = v.to(torch.float32).contiguous().cpu()
+    save_file(tensors, str(out / "codes.safetensors"),
+              metadata={n: json.dumps({"format": l.qtensor.fmt, "group_size": l.qtensor.group_size}) for n, l in result.layers.items()})
+    loaded.model.save_pretrained(out / "model")
+    loaded.tokenizer.save_pretrained(out / "model")
+    record = {"plan": plan.describe(), **report.to_dict(), "quantize_seconds": result.seconds, "out": str(out),
+              "provenance": provenance(model=loaded.identity(), seed=args.seed, device=device)}
+    (out / "result.json").write_text(json.dumps(record, indent=2))
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"{plan.describe()}: {report.bits_per_weight:.4f} bits/weight, {report.size_bytes:,} bytes -> {out}")
+        print(f"  {out / 'model'}: fake-quantized Hugging Face model (mixq eval --model {out / 'model'})")
+        print(f"  {out / 'codes.safetensors'}: integer codes and group parameters per layer")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mixq.data import load_text, tokenize, windows
+    from mixq.evaluate import kl_divergence, perplexity
+    from mixq.provenance import provenance
+    from mixq.quantize import quantize_
+
+    device, dtype, batch = _setup(args)
+    plans = _plans(args.plan)
+    text = load_text(args.dataset, args.split, root=args.data_dir)
+    loaded = _load(args, device, dtype)
+    for _, plan in plans:
+        plan.size_report(loaded.model)  # refuse a bad plan before evaluating anything
+    ids = tokenize(loaded.tokenizer, text)
+    bos = loaded.tokenizer.bos_token_id if getattr(loaded.model.config, "model_type", "").startswith("gemma") else None
+    win = windows(ids, args.seqlen, limit=args.limit, bos=bos)
+    prov = provenance(model=loaded.identity(), seed=args.seed, device=device)
+    base = loaded.model
+    rows = []
+    for label, plan in plans:
+        model = base if not plan.resolve(base) else copy.deepcopy(base)
+        q = quantize_(model, plan, progress=not args.json) if model is not base else None
+        ppl = perplexity(model, win, batch_size=batch, progress=not args.json)
+        report = plan.size_report(base)
+        row: dict[str, Any] = {"label": label, "plan": plan.describe(), "ppl": ppl.ppl,
+                               "bits_per_weight": report.bits_per_weight, "size_bytes": report.size_bytes,
+                               "dataset": args.dataset, "split": args.split, "seqlen": args.seqlen, **ppl.to_dict(),
+                               "quantize_seconds": q.seconds if q else 0.0, "size": report.to_dict()}
+        if args.kl:
+            row["kl"] = 0.0 if model is base else kl_divergence(base, model, win, batch_size=batch)
+        row["provenance"] = prov
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            _log(args, f"{label}: ppl {ppl.ppl:.4f}, {report.bits_per_weight:.3f} bits/weight, {report.size_bytes:,} bytes")
+        if model is not base:
+            del model
+    if not args.json:
+        _table(rows, args)
+    return 0
+
+
+def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    w = rows[0]
+    table = Table(title=f"{args.model} · {args.dataset}/{args.split} · {w['windows']} × {args.seqlen} tokens")
+    for col in ("plan", "ppl", "bits/weight", "size (MB)") + (("KL",) if args.kl else ()):
+        table.add_column(col, justify="left" if col == "plan" else "right")
+    for r in rows:
+        cells = [r["label"], f"{r['ppl']:.3f}", f"{r['bits_per_weight']:.3f}", f"{r['size_bytes'] / 1e6:.2f}"]
+        if args.kl:
+            cells.append(f"{r['kl']:.4f}")
+        table.add_row(*cells)
+    Console().print(table)
+
+
+COMMANDS = {"formats": cmd_formats, "quantize": cmd_quantize, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # mixq never downloads; models come from disk
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MixqError as e:
+        print(f"mixq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mixq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

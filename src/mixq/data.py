@@ -1,0 +1,100 @@
+"""Text data: named datasets read from a data directory, plain files, token windows."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mixq.errors import DataError
+
+DATA_ENV = "MIXQ_DATA_DIR"
+NAMED = {"wikitext2": {"test": "wikitext2/test.raw", "validation": "wikitext2/validation.raw"}}
+
+
+def data_dir(flag: str | os.PathLike | None = None) -> Path | None:
+    value = flag or os.environ.get(DATA_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def wikitext_text(raw: str) -> str:
+    """Rebuild HF ``wikitext-2-raw-v1`` rows and join them with blank lines (GPTQ protocol).
+
+    Each line with text keeps its trailing newline; an empty or all-white-space line is
+    an empty row; rows are joined with ``"\\n\\n"``.
+    """
+    rows = [line + "\n" if line.strip() else "" for line in raw.split("\n")]
+    if raw.endswith("\n"):
+        rows.pop()  # the split after the final newline is not a row
+    return "\n\n".join(rows)
+
+
+def load_text(dataset: str, split: str = "test", *, root: str | os.PathLike | None = None) -> str:
+    """A named dataset (``wikitext2``) from the data directory, or a .txt/.raw/.jsonl path."""
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            texts = []
+            for i, line in enumerate(path.read_text().splitlines()):
+                if line.strip():
+                    try:
+                        texts.append(json.loads(line)["text"])
+                    except (ValueError, KeyError, TypeError):
+                        raise DataError(f"{path}:{i + 1}: each line must be a JSON object with a 'text' field") from None
+            return "\n\n".join(texts)
+        return path.read_text()
+    if dataset not in NAMED:
+        raise DataError(f"dataset {dataset!r} is neither a file nor a named dataset ({', '.join(NAMED)})")
+    if split not in NAMED[dataset]:
+        raise DataError(f"{dataset} has no split {split!r} (splits: {', '.join(NAMED[dataset])})")
+    root_dir = data_dir(root)
+    if root_dir is None:
+        raise DataError(
+            f"{dataset} needs a data directory: pass --data-dir DIR or set {DATA_ENV}=DIR "
+            f"(DIR holding {NAMED[dataset][split]}), or give a text file path instead"
+        )
+    file = root_dir / NAMED[dataset][split]
+    if not file.is_file():
+        raise DataError(f"{dataset}/{split}: {file} not found (check --data-dir / {DATA_ENV})")
+    return wikitext_text(file.read_text(encoding="utf-8"))
+
+
+def tokenize(tokenizer, text: str) -> Tensor:  # type: ignore[no-untyped-def]
+    """Token ids of the whole text, tokenized once, as a 1-D tensor."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return ids.long()
+
+
+def windows(ids: Tensor, seqlen: int, *, limit: int | None = None, bos: int | None = None) -> Tensor:
+    """Non-overlapping windows ``[n, seqlen]`` (the remainder dropped), the first ``limit`` only.
+
+    With ``bos`` every window starts with that token followed by ``seqlen - 1`` text tokens.
+    """
+    if seqlen < 2:
+        raise DataError(f"seqlen must be at least 2, got {seqlen}")
+    step = seqlen - (bos is not None)
+    n = ids.numel() // step
+    if limit is not None:
+        n = min(n, limit)
+    if n == 0:
+        raise DataError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    w = ids[: n * step].reshape(n, step)
+    if bos is not None:
+        w = torch.cat([torch.full((n, 1), bos, dtype=w.dtype), w], dim=1)
+    return w
+
+
+def calibration_windows(ids: Tensor, nsamples: int, seqlen: int, *, seed: int = 0) -> Tensor:
+    """``nsamples`` random windows of ``seqlen`` tokens, as GPTQ draws them.
+
+    ``random.seed(seed)``, then ``start = random.randint(0, n_tokens - seqlen - 1)`` each.
+    """
+    if ids.numel() <= seqlen + 1:
+        raise DataError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])

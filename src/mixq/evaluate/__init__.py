@@ -1,0 +1,5 @@
+"""Evaluation: perplexity and KL divergence to the base model."""
+
+from mixq.evaluate.perplexity import PerplexityResult, kl_divergence, perplexity, perplexity_unbatched
+
+__all__ = ["PerplexityResult", "kl_divergence", "perplexity", "perplexity_unbatched"]

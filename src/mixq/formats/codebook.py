@@ -1,0 +1,94 @@
+"""Formats whose element grid is a finite set of values (minifloat, log, NF).
+
+The element grid is scaled per group in one of three ways:
+
+* ``absmax``: a 16-bit float scale that maps the group's largest magnitude to the
+  grid's largest value (the usual per-channel / per-group weight scaling);
+* ``pow2``: a shared power-of-two exponent (8 bits, E8M0), as OCP MX formats and block
+  minifloat / block log: ``X = 2^(floor(log2(max|v|)) - emax)``, elements saturate;
+* ``none``: the raw element grid (fixed exponent bias), as the LLM-Mixed-Q seed.
+
+Rounding is to the nearest grid value (ties to the smaller one); values outside the
+range saturate to the extreme values.  Codes are indices into the sorted grid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from mixq.errors import FormatError
+from mixq.formats.base import Format, Params, fp16_round
+from mixq.formats.integer import E8M0_MAX, E8M0_MIN
+
+SCALINGS = ("absmax", "pow2", "none")
+
+
+class CodebookFormat(Format):
+    """Base of grid formats; subclasses define ``values()`` and carry a ``scaling`` field."""
+
+    scaling: str
+
+    def values(self) -> tuple[float, ...]:
+        """Sorted representable values of one element (unscaled)."""
+        raise NotImplementedError
+
+    def _check_scaling(self) -> None:
+        if self.scaling not in SCALINGS:
+            raise FormatError(f"{self.name}: unknown scaling {self.scaling!r} (one of {', '.join(SCALINGS)})")
+        if self.scaling == "pow2" and (self.group_size is None or self.per_tensor):
+            raise FormatError(f"{self.name}: a shared-exponent format needs a block size")
+
+    @property
+    def requires_whole_groups(self) -> bool:  # type: ignore[override]
+        return self.scaling == "pow2"
+
+    @property
+    def max_value(self) -> float:
+        return max(abs(v) for v in self.values())
+
+    @property
+    def emax(self) -> int:
+        """Exponent of the largest element value (OCP MX's emax_elem)."""
+        return math.floor(math.log2(self.max_value))
+
+    @property
+    def group_overhead_bits(self) -> int:
+        return {"absmax": 16, "pow2": 8, "none": 0}[self.scaling]
+
+    def grid(self, device: torch.device | None = None) -> Tensor:
+        return torch.tensor(self.values(), dtype=torch.float32, device=device)
+
+    def fit(self, x: Tensor) -> Params:
+        x = x.float()
+        amax = x.abs().amax(dim=1, keepdim=True)
+        if self.scaling == "absmax":
+            scale = torch.where(amax > 0, amax / self.max_value, torch.ones_like(amax))
+            return {"scale": fp16_round(scale)}
+        if self.scaling == "pow2":
+            exp = torch.where(amax > 0, torch.floor(torch.log2(amax)) - self.emax, torch.zeros_like(amax))
+            return {"exp": exp.clamp(E8M0_MIN, E8M0_MAX)}
+        return {}
+
+    def _unscale(self, x: Tensor, params: Params) -> Tensor:
+        if self.scaling == "absmax":
+            return x / params["scale"]
+        if self.scaling == "pow2":
+            return x * torch.exp2(-params["exp"])
+        return x
+
+    def encode(self, x: Tensor, params: Params) -> Tensor:
+        grid = self.grid(x.device)
+        mids = (grid[1:] + grid[:-1]) / 2
+        idx = torch.bucketize(self._unscale(x.float(), params), mids)
+        return idx.to(torch.uint8 if len(grid) <= 256 else torch.int16)
+
+    def decode(self, codes: Tensor, params: Params) -> Tensor:
+        v = self.grid(codes.device)[codes.long()]
+        if self.scaling == "absmax":
+            return v * params["scale"]
+        if self.scaling == "pow2":
+            return v * torch.exp2(params["exp"])
+        return v
