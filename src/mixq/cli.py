@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     loaded.model.save_pretrained(out / "model")
     loaded.tokenizer.save_pretrained(out / "model")
     record = {"plan": plan.describe(), **report.to_dict(), "quantize_seconds": result.seconds, "out": str(out),
-              "provenance": provenance(model=loaded.identity(), seed=args.seed, device=device)}
+              "provenance": provenance(model=loaded.identity(), seed=args.seed, device=device, command=args.command_line)}
     (out / "result.json").write_text(json.dumps(record, indent=2))
     if args.json:
         print(json.dumps(record))
@@ -165,7 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ids = tokenize(loaded.tokenizer, text)
     bos = loaded.tokenizer.bos_token_id if getattr(loaded.model.config, "model_type", "").startswith("gemma") else None
     win = windows(ids, args.seqlen, limit=args.limit, bos=bos)
-    prov = provenance(model=loaded.identity(), seed=args.seed, device=device)
+    prov = provenance(model=loaded.identity(), seed=args.seed, device=device, command=args.command_line)
     base = loaded.model
     rows = []
     for label, plan in plans:
@@ -214,7 +215,9 @@ COMMANDS = {"formats": cmd_formats, "quantize": cmd_quantize, "eval": cmd_eval}
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # mixq never downloads; models come from disk
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["mixq", *argv])
     try:
         return COMMANDS[args.command](args)
     except MixqError as e:

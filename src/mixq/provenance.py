@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import shlex
 import sys
 from importlib import metadata
 from typing import Any
@@ -25,7 +26,8 @@ def device_name(device: str | torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
-def provenance(*, model: dict[str, str] | None, seed: int, device: str | torch.device) -> dict[str, Any]:
+def provenance(*, model: dict[str, str] | None, seed: int, device: str | torch.device,
+               command: str | None = None) -> dict[str, Any]:
     from mixq import __version__
 
     return {
@@ -35,6 +37,6 @@ def provenance(*, model: dict[str, str] | None, seed: int, device: str | torch.d
         "model": model,
         "seed": seed,
         "device": device_name(device),
-        "command": " ".join(sys.argv),
+        "command": command or shlex.join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

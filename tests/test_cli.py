@@ -1,0 +1,103 @@
+"""The command line: JSON results, saved models, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mixq.cli import main
+
+EVAL = ["--seqlen", "32", "--limit", "3", "--device", "cpu", "--json"]
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_formats_json(capsys):
+    code, out, _ = _run(capsys, "formats", "--json", "--cols", "576")
+    data = json.loads(out)
+    assert code == 0
+    assert data["formats"]["mxfp4"] == 4.25 and data["formats"]["int4-g128"] == pytest.approx(4 + 5 * 20 / 576)
+    assert "int" in data["families"] and "nf" in data["families"]
+
+
+def test_eval_json_with_provenance(capsys, tiny_dir, text_file):
+    code, out, _ = _run(capsys, "eval", "--model", str(tiny_dir), "--dataset", str(text_file), "--plan", "base,int8,int2-g32", "--kl", *EVAL)
+    assert code == 0
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    assert [r["label"] for r in rows] == ["base", "int8", "int2-g32"]
+    base, int8, int2 = rows
+    assert base["bits_per_weight"] == 16.0 and base["kl"] == 0.0
+    assert int8["bits_per_weight"] == pytest.approx(8 + 24 / 64, abs=0.2)
+    assert int2["size_bytes"] < int8["size_bytes"] < base["size_bytes"]
+    assert int2["kl"] > int8["kl"] > 0
+    assert min(r["ppl"] for r in rows) > 1.0 and base["windows"] == 3  # a random model: ppl order is noise
+    prov = base["provenance"]
+    assert len(prov["model"]["sha256"]) == 64 and prov["seed"] == 0 and "eval" in prov["command"]
+    assert prov["versions"]["torch"] and prov["mixq"]
+
+
+def test_quantize_saves_a_model_that_evaluates_the_same(capsys, tiny_dir, text_file, tmp_path):
+    out_dir = tmp_path / "q"
+    code, out, _ = _run(capsys, "quantize", "--model", str(tiny_dir), "--plan", "int4-g32", "--out", str(out_dir), "--json", "--device", "cpu")
+    assert code == 0
+    record = json.loads(out)
+    assert (out_dir / "plan.yaml").is_file() and (out_dir / "codes.safetensors").is_file()
+    assert json.loads((out_dir / "result.json").read_text())["size_bytes"] == record["size_bytes"]
+    _, a, _ = _run(capsys, "eval", "--model", str(tiny_dir), "--dataset", str(text_file), "--plan", "int4-g32", *EVAL)
+    _, b, _ = _run(capsys, "eval", "--model", str(out_dir / "model"), "--dataset", str(text_file), *EVAL)
+    assert json.loads(a)["ppl"] == pytest.approx(json.loads(b)["ppl"], rel=1e-6)
+
+
+def test_plan_file(capsys, tiny_dir, text_file, tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("default: int4-g32\nrules:\n  - {match: 're:.*down_proj', format: int8}\n")
+    code, out, _ = _run(capsys, "eval", "--model", str(tiny_dir), "--dataset", str(text_file), "--plan", str(plan), *EVAL)
+    assert code == 0 and 4.6 < json.loads(out)["bits_per_weight"] < 8
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--model", "no-such-model"], "model not found: 'no-such-model'"),
+    (["eval", "--model", "/nonexistent/m.gguf"], "model not found"),
+    (["eval", "--plan", "int4-banana"], "unknown option 'banana'"),
+    (["eval", "--plan", "int12"], "2 to 8 bits"),
+    (["eval", "--plan", "q4km"], "unknown format"),
+])
+def test_bad_input_one_line_exit_2(capsys, argv, message, text_file):
+    code, out, err = _run(capsys, *argv, "--dataset", str(text_file))
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and err.startswith("mixq: error:")
+
+
+def test_corrupt_gguf(capsys, tmp_path, text_file):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    code, _, err = _run(capsys, "eval", "--model", str(bad), "--dataset", str(text_file))
+    assert code == 2 and "broken.gguf" in err and len(err.strip().splitlines()) == 1
+    bad.write_bytes(b"not a gguf at all")
+    code, _, err = _run(capsys, "eval", "--model", str(bad), "--dataset", str(text_file))
+    assert code == 2 and "not a GGUF file" in err
+
+
+def test_plan_errors_against_the_model(capsys, tiny_dir, text_file, tmp_path):
+    plan = tmp_path / "p.yaml"
+    plan.write_text("rules:\n  - {match: model.layers.7.mlp.up_proj, format: int8}\n")
+    code, _, err = _run(capsys, "eval", "--model", str(tiny_dir), "--dataset", str(text_file), "--plan", str(plan), *EVAL)
+    assert code == 2 and "names no existing layer" in err
+    code, _, err = _run(capsys, "eval", "--model", str(tiny_dir), "--dataset", str(text_file), "--plan", "int4-g128", *EVAL)
+    assert code == 2 and "exceeds the row width 64" in err
+    code, _, err = _run(capsys, "eval", "--model", str(tiny_dir), "--dataset", str(text_file), "--plan", "bfp4-g64", *EVAL)
+    assert code == 2 and "does not divide the row width 96" in err
+
+
+def test_no_traceback_from_the_real_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mixq.cli", "eval", "--model", "no-such-model"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().startswith("mixq: error:")
