@@ -28,6 +28,15 @@ def _shared(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default 8 on cuda, 2 on cpu)")
     g.add_argument("--json", action="store_true", help="print one JSON object per result on stdout")
+    c = p.add_argument_group("solvers and calibration")
+    c.add_argument("--solver", default=None, help="rtn, gptq, quantease, gptq+quantease (default: the plan's, else rtn)")
+    c.add_argument("--outliers", type=float, default=None, help="outlier-aware QuantEase: fraction of weights kept in 16 bits (e.g. 0.01)")
+    c.add_argument("--structured", action="store_true", help="with --outliers: whole columns")
+    c.add_argument("--keep-columns", type=float, default=None, help="GPTQ: fraction of input columns (largest activations) kept in 16 bits")
+    c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="solver option for every layer (e.g. act_order=true)")
+    c.add_argument("--calib-dataset", default="wikitext2", help="calibration text (default wikitext2)")
+    c.add_argument("--calib-split", default="validation")
+    c.add_argument("--report", default=None, metavar="PATH", help="write the per-layer reconstruction report (JSON) and print it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,11 +79,81 @@ def _setup(args: argparse.Namespace) -> tuple[str, str, int]:
     return device, dtype, batch
 
 
-def _plans(values: list[str] | None) -> list[tuple[str, Any]]:
+def _option_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _solver_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    for item in args.option:
+        if "=" not in item:
+            raise MixqError(f"--option {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        opts[k.strip()] = _option_value(v)
+    if args.outliers is not None:
+        opts["outliers"] = args.outliers
+        if args.structured:
+            opts["structured"] = True
+    elif args.structured:
+        raise MixqError("--structured needs --outliers")
+    if args.keep_columns is not None:
+        opts["keep_columns"] = args.keep_columns
+    return opts
+
+
+def _plans(values: list[str] | None, args: argparse.Namespace) -> list[tuple[str, Any]]:
     from mixq.plan import Plan
 
     names = [v.strip() for value in (values or ["base"]) for v in value.split(",") if v.strip()]
-    return [(n if not Path(n).suffix else Path(n).stem, Plan.parse(n)) for n in names]
+    opts = _solver_options(args)
+    return [(n if not Path(n).suffix else Path(n).stem, Plan.parse(n).with_solver(args.solver, opts)) for n in names]
+
+
+def _calibration(args: argparse.Namespace, tokenizer: Any, plans: list[Any]):  # type: ignore[no-untyped-def]
+    """Calibration windows when a plan's solver needs them (or a report is asked for)."""
+    if not (args.report or any(p.needs_calibration() for p in plans)):
+        return None
+    from mixq.data import calibration_windows, load_text, tokenize
+
+    if args.nsamples < 1:
+        raise MixqError(f"--nsamples must be positive, got {args.nsamples}")
+    ids = tokenize(tokenizer, load_text(args.calib_dataset, args.calib_split, root=args.data_dir))
+    _log(args, f"calibration: {args.nsamples} windows x {args.seqlen} tokens from {args.calib_dataset}/{args.calib_split} (seed {args.seed})")
+    return calibration_windows(ids, args.nsamples, args.seqlen, seed=args.seed)
+
+
+def _calibration_record(args: argparse.Namespace, calib: Any) -> dict[str, Any] | None:
+    if calib is None:
+        return None
+    return {"dataset": args.calib_dataset, "split": args.calib_split, "nsamples": args.nsamples, "seqlen": args.seqlen,
+            "seed": args.seed, "mode": "sequential: each block sees the outputs of the quantized blocks before it"}
+
+
+def _write_report(args: argparse.Namespace, label: str, result: Any) -> None:
+    if not args.report:
+        return
+    rows = result.report()
+    path = Path(args.report)
+    if path.suffix != ".json":
+        path = path / f"{label}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"plan": label, "layers": rows}, indent=2))
+    if args.json:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"reconstruction error ‖WX−ŴX‖²/‖WX‖² · {label} -> {path}")
+    for col in ("layer", "format", "solver", "rtn", "solver error", "ratio"):
+        table.add_column(col, justify="left" if col in ("layer", "format", "solver") else "right")
+    for r in rows:
+        if r["rel_error"] is None:
+            continue
+        ratio = r["rel_error"] / r["rtn_rel_error"] if r["rtn_rel_error"] else float("nan")
+        table.add_row(r["layer"], r["format"], r["solver"], f"{r['rtn_rel_error']:.3e}", f"{r['rel_error']:.3e}", f"{ratio:.3f}")
+    Console().print(table)
 
 
 def _log(args: argparse.Namespace, msg: str) -> None:
@@ -122,12 +201,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from mixq.provenance import provenance
     from mixq.quantize import quantize_
 
-    device, dtype, _ = _setup(args)
-    plan = Plan.parse(args.plan)
+    device, dtype, batch = _setup(args)
+    plan = Plan.parse(args.plan).with_solver(args.solver, _solver_options(args))
     out = Path(args.out)
     loaded = _load(args, device, dtype)
     report = plan.size_report(loaded.model)  # validates the plan before any work
-    result = quantize_(loaded.model, plan, progress=not args.json)
+    calib = _calibration(args, loaded.tokenizer, [plan])
+    result = quantize_(loaded.model, plan, calibration=calib, device=device, batch_size=batch,
+                       progress=not args.json, log=lambda m: _log(args, m))
+    _write_report(args, Path(args.plan).stem if Path(args.plan).suffix else args.plan, result)
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.yaml")
     tensors = {}
@@ -135,11 +217,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         tensors[f"{name}.codes"] = layer.qtensor.codes.contiguous().cpu()
         for k, v in layer.qtensor.params.items():
             tensors[f"{name}.{k}"] = v.to(torch.float32).contiguous().cpu()
+        if layer.outliers is not None:
+            sparse = layer.outliers.to_sparse_csr()
+            tensors[f"{name}.outliers.crow"] = sparse.crow_indices().to(torch.int32).cpu()
+            tensors[f"{name}.outliers.col"] = sparse.col_indices().to(torch.int32).cpu()
+            tensors[f"{name}.outliers.values"] = sparse.values().to(torch.float16).cpu()
     save_file(tensors, str(out / "codes.safetensors"),
               metadata={n: json.dumps({"format": l.qtensor.fmt, "group_size": l.qtensor.group_size}) for n, l in result.layers.items()})
     loaded.model.save_pretrained(out / "model")
     loaded.tokenizer.save_pretrained(out / "model")
     record = {"plan": plan.describe(), **report.to_dict(), "quantize_seconds": result.seconds, "out": str(out),
+              "calibration": _calibration_record(args, calib),
               "provenance": provenance(model=loaded.identity(), seed=args.seed, device=device, command=args.command_line)}
     (out / "result.json").write_text(json.dumps(record, indent=2))
     if args.json:
@@ -158,11 +246,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mixq.quantize import quantize_
 
     device, dtype, batch = _setup(args)
-    plans = _plans(args.plan)
+    plans = _plans(args.plan, args)
     text = load_text(args.dataset, args.split, root=args.data_dir)
     loaded = _load(args, device, dtype)
     for _, plan in plans:
         plan.size_report(loaded.model)  # refuse a bad plan before evaluating anything
+    calib = _calibration(args, loaded.tokenizer, [p for _, p in plans])
     ids = tokenize(loaded.tokenizer, text)
     bos = loaded.tokenizer.bos_token_id if getattr(loaded.model.config, "model_type", "").startswith("gemma") else None
     win = windows(ids, args.seqlen, limit=args.limit, bos=bos)
@@ -171,13 +260,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = []
     for label, plan in plans:
         model = base if not plan.resolve(base) else copy.deepcopy(base)
-        q = quantize_(model, plan, progress=not args.json) if model is not base else None
+        q = None
+        if model is not base:
+            q = quantize_(model, plan, calibration=calib, device=device, batch_size=batch, progress=not args.json,
+                          log=lambda m: _log(args, m))
+            _write_report(args, label, q)
         ppl = perplexity(model, win, batch_size=batch, progress=not args.json)
         report = plan.size_report(base)
         row: dict[str, Any] = {"label": label, "plan": plan.describe(), "ppl": ppl.ppl,
                                "bits_per_weight": report.bits_per_weight, "size_bytes": report.size_bytes,
                                "dataset": args.dataset, "split": args.split, "seqlen": args.seqlen, **ppl.to_dict(),
-                               "quantize_seconds": q.seconds if q else 0.0, "size": report.to_dict()}
+                               "quantize_seconds": q.seconds if q else 0.0, "size": report.to_dict(),
+                               "calibration": _calibration_record(args, calib) if q else None}
         if args.kl:
             row["kl"] = 0.0 if model is base else kl_divergence(base, model, win, batch_size=batch)
         row["provenance"] = prov

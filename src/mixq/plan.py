@@ -75,7 +75,7 @@ class SizeReport:
     """What a plan stores for a model, counted exactly."""
 
     quantized_weights: int  # elements of quantized tensors
-    quantized_bits: int  # their codes plus every scale, zero point and shared exponent
+    quantized_bits: int  # their codes, every scale, zero point and shared exponent, and outliers
     other_params: int  # elements of every other parameter (norms, biases, embeddings...)
     other_bits: int  # counted at 16 bits each
     layers: int  # quantized tensors (a tied pair counts once)
@@ -98,7 +98,7 @@ class SizeReport:
             "quantized_bits": self.quantized_bits,
             "other_params": self.other_params,
             "other_bits": self.other_bits,
-            "counted": "quantized tensors: codes + scales/zero points/exponents; "
+            "counted": "quantized tensors: codes + scales/zero points/exponents + 16-bit outliers with their indices; "
             f"every other parameter at {STORED_BITS} bits; tied tensors once",
         }
 
@@ -142,6 +142,24 @@ class Plan:
     def shared(cls, specs: Mapping[str, LayerSpec], default: LayerSpec | None = None) -> Plan:
         """One spec per layer suffix (``self_attn.q_proj``), shared by every block."""
         return cls(tuple((f"re:.*\\.{re.escape(k)}", s) for k, s in specs.items()), default)
+
+    def with_solver(self, solver: str | None = None, options: Mapping[str, Any] | None = None) -> Plan:
+        """The same layers and formats with another solver and/or extra solver options everywhere."""
+        if solver is None and not options:
+            return self
+
+        def swap(spec: LayerSpec) -> LayerSpec:
+            keep = spec.opts if solver in (None, spec.solver) else {}
+            d = {"format": spec.format.name, "solver": solver or spec.solver, "options": {**keep, **(options or {})}}
+            return LayerSpec.from_dict(d, f"--solver {d['solver']}")
+
+        return Plan(tuple((m, swap(s)) for m, s in self.rules), None if self.default is None else swap(self.default), self.skip)
+
+    def needs_calibration(self) -> bool:
+        from mixq.solvers import get_solver
+
+        specs = [s for _, s in self.rules] + ([self.default] if self.default else [])
+        return any(get_solver(s.solver).needs_calibration for s in specs)
 
     # -- serialisation ----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -243,6 +261,7 @@ class Plan:
 
     def size_report(self, model: nn.Module) -> SizeReport:
         from mixq.models import module_by_name
+        from mixq.solvers import get_solver
 
         specs = self.resolve(model)
         quantized = {id(module_by_name(model, n).weight): s for n, s in specs.items()}
@@ -258,7 +277,9 @@ class Plan:
                 ob += p.numel() * STORED_BITS
             else:
                 qw += p.numel()
-                qb += spec.format.storage_bits(tuple(p.shape))
+                shape = tuple(p.shape)
+                solver = get_solver(spec.solver)
+                qb += spec.format.storage_bits(shape) + solver.extra_bits(solver.options(spec.opts), shape)
         return SizeReport(qw, qb, ow, ob, len(specs))
 
     def bits(self, model: nn.Module) -> float:
@@ -272,8 +293,10 @@ class Plan:
     def describe(self) -> str:
         if not self.rules and self.default is None:
             return "base"
-        if not self.rules and not self.skip and self.default is not None and self.default.solver == "rtn":
-            return self.default.format.name
+        if not self.rules and not self.skip and self.default is not None:
+            solver = "" if self.default.solver == "rtn" else f" {self.default.solver}"
+            opts = "".join(f" {k}={v}" for k, v in self.default.options)
+            return f"{self.default.format.name}{solver}{opts}"
         return f"{len(self.rules)} rules, default {self.default.format.name if self.default else 'none'}"
 
 

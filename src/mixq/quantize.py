@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mixq.errors import MixqError, PlanError
 from mixq.formats import QTensor
-from mixq.models import module_by_name
+from mixq.models import module_by_name, transformer_blocks
 from mixq.plan import LayerSpec, Plan
 from mixq.solvers import get_solver
 
@@ -20,31 +22,56 @@ from mixq.solvers import get_solver
 class QuantizedLayer:
     spec: LayerSpec
     qtensor: QTensor
-    loss: float | None
+    loss: float | None = None  # tr((W-Ŵ) H (W-Ŵ)ᵀ) on the calibration Gram
+    rel_error: float | None = None  # ‖WX − ŴX‖² / ‖WX‖² on the calibration inputs
+    rtn_rel_error: float | None = None  # the same for RTN with the same format
+    seconds: float = 0.0
+    outliers: Tensor | None = None  # the 16-bit sparse part: weight = dequantize(qtensor) + outliers
 
 
 @dataclass(frozen=True)
 class QuantizeResult:
     layers: dict[str, QuantizedLayer]
     seconds: float
+    calibrated: bool = False
+
+    def report(self) -> list[dict[str, Any]]:
+        """Per layer: format, solver, relative reconstruction error against RTN's."""
+        return [{"layer": n, "format": l.spec.format.name, "solver": l.spec.solver, "rel_error": l.rel_error,
+                 "rtn_rel_error": l.rtn_rel_error, "seconds": l.seconds} for n, l in self.layers.items()]
 
 
 @torch.no_grad()
-def quantize_(model: nn.Module, plan: Plan, *, progress: bool = False) -> QuantizeResult:
+def quantize_(model: nn.Module, plan: Plan, *, calibration: Tensor | None = None,
+              device: torch.device | str | None = None, batch_size: int = 8, progress: bool = False,
+              log: Callable[[str], None] | None = None) -> QuantizeResult:
     """Replace every planned weight by its dequantised value; return the codes.
 
-    Data-free solvers only; calibrated ones (GPTQ, QuantEase) go through the
-    calibration pipeline, which feeds them each layer's Gram matrix.
+    With ``calibration`` windows ([n, seqlen] token ids) the layers inside transformer
+    blocks are solved block by block on their Gram matrices (required by GPTQ and
+    QuantEase); the others (and every layer without calibration) with their solver alone.
     """
+    from mixq.calibration import quantize_sequential_
+
     start = time.perf_counter()
     specs = plan.resolve(model)
-    for name, spec in specs.items():
-        if get_solver(spec.solver).needs_calibration:
-            raise PlanError(f"layer {name!r}: solver {spec.solver!r} needs calibration data")
     out: dict[str, QuantizedLayer] = {}
-    for name, spec in tqdm(specs.items(), desc="quantize", disable=not progress, leave=False):
+    if calibration is not None:
+        prefix = transformer_blocks(model)[0] + "."
+        inside = {n: s for n, s in specs.items() if n.startswith(prefix)}
+        for rec in quantize_sequential_(model, inside, calibration, device=device, batch_size=batch_size,
+                                        progress=progress, log=log):
+            out[rec.name] = QuantizedLayer(rec.spec, rec.result.qtensor, rec.result.loss, rec.rel_error,
+                                           rec.rtn_rel_error, rec.seconds, rec.result.outliers)
+    rest = {n: s for n, s in specs.items() if n not in out}
+    for name, spec in rest.items():
+        if get_solver(spec.solver).needs_calibration:
+            where = "needs calibration data" if calibration is None else "is outside the transformer blocks (use rtn)"
+            raise PlanError(f"layer {name!r}: solver {spec.solver!r}: the layer {where}")
+    for name, spec in tqdm(rest.items(), desc="quantize", disable=not progress, leave=False):
         weight = module_by_name(model, name).weight
         solver = get_solver(spec.solver)
+        t = time.perf_counter()
         try:
             result = solver(weight.data, spec.format, None, solver.options(spec.opts))
         except MixqError as e:
@@ -52,5 +79,6 @@ def quantize_(model: nn.Module, plan: Plan, *, progress: bool = False) -> Quanti
         if not torch.isfinite(result.weight).all():
             raise MixqError(f"layer {name!r}: quantization produced NaN/inf; refusing to write it")
         weight.data.copy_(result.weight.to(weight.dtype))
-        out[name] = QuantizedLayer(spec, result.qtensor, result.loss)
-    return QuantizeResult(out, time.perf_counter() - start)
+        out[name] = QuantizedLayer(spec, result.qtensor, seconds=time.perf_counter() - t, outliers=result.outliers)
+    order = list(specs)
+    return QuantizeResult({n: out[n] for n in order}, time.perf_counter() - start, calibration is not None)

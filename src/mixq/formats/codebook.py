@@ -14,6 +14,7 @@ range saturate to the extreme values.  Codes are indices into the sorted grid.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -24,6 +25,12 @@ from mixq.formats.base import Format, Params, fp16_round
 from mixq.formats.integer import E8M0_MAX, E8M0_MIN
 
 SCALINGS = ("absmax", "pow2", "none")
+
+
+@functools.cache
+def _grid_tensor(values: tuple[float, ...], device: torch.device) -> Tensor:
+    """One tensor per grid and device (no host-to-device copy per call; CUDA graphs need that)."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 class CodebookFormat(Format):
@@ -59,7 +66,7 @@ class CodebookFormat(Format):
         return {"absmax": 16, "pow2": 8, "none": 0}[self.scaling]
 
     def grid(self, device: torch.device | None = None) -> Tensor:
-        return torch.tensor(self.values(), dtype=torch.float32, device=device)
+        return _grid_tensor(self.values(), torch.device(device) if device is not None else torch.device("cpu"))
 
     def fit(self, x: Tensor) -> Params:
         x = x.float()

@@ -22,8 +22,13 @@ from mixq.formats import Format, QTensor
 @dataclass(frozen=True)
 class SolveResult:
     qtensor: QTensor
-    weight: Tensor  # dequantised weight, float32, same shape as the input
+    weight: Tensor  # dequantised weight (codes + outliers), float32, same shape as the input
     loss: float | None = None  # layer objective tr((W-Ŵ) H (W-Ŵ)ᵀ) when a Gram is given
+    outliers: Tensor | None = None  # sparse part kept in 16 bits: weight = dequantize(qtensor) + outliers
+
+
+def no_extra_bits(options: Any, shape: tuple[int, int]) -> int:
+    return 0
 
 
 @dataclass(frozen=True)
@@ -32,17 +37,24 @@ class Solver:
     fn: Callable[[Tensor, Format, Tensor | None, Any], SolveResult]
     options_type: type
     needs_calibration: bool
+    extra_bits: Callable[[Any, tuple[int, int]], int] = no_extra_bits  # stored beside the codes (outliers)
 
     def options(self, values: Mapping[str, Any]) -> Any:
         """Build the options dataclass, naming any unknown key."""
         known = {f.name for f in dataclasses.fields(self.options_type)}
         unknown = sorted(set(values) - known)
+        if "outliers" in unknown:
+            with_outliers = [n for n, s in _SOLVERS.items() if "outliers" in {f.name for f in dataclasses.fields(s.options_type)}]
+            raise PlanError(f"solver {self.name!r} keeps no outliers (solvers that do: {', '.join(with_outliers)})")
         if unknown:
             raise PlanError(
                 f"solver {self.name!r} has no option {', '.join(map(repr, unknown))} "
                 f"(options: {', '.join(sorted(known)) or 'none'})"
             )
-        return self.options_type(**values)
+        try:
+            return self.options_type(**values)
+        except TypeError as e:
+            raise PlanError(f"solver {self.name!r}: bad options {dict(values)}: {e}") from None
 
     def __call__(self, weight: Tensor, fmt: Format, gram: Tensor | None, options: Any) -> SolveResult:
         return self.fn(weight, fmt, gram, options)
@@ -51,11 +63,12 @@ class Solver:
 _SOLVERS: dict[str, Solver] = {}
 
 
-def register_solver(name: str, options_type: type, *, needs_calibration: bool) -> Callable:
+def register_solver(name: str, options_type: type, *, needs_calibration: bool,
+                    extra_bits: Callable[[Any, tuple[int, int]], int] = no_extra_bits) -> Callable:
     def deco(fn: Callable) -> Callable:
         if name in _SOLVERS:
             raise ValueError(f"solver {name!r} registered twice")
-        _SOLVERS[name] = Solver(name, fn, options_type, needs_calibration)
+        _SOLVERS[name] = Solver(name, fn, options_type, needs_calibration, extra_bits)
         return fn
 
     return deco

@@ -1,0 +1,226 @@
+"""Block-by-block calibrated quantization ("true sequential").
+
+The inputs of the first transformer block are captured on the calibration windows; then
+each block in turn: its Linear layers are quantized group by group in execution order
+(layers that read the same input, e.g. q/k/v, form one group and share one Gram), each
+group seeing the outputs of the already-quantized groups before it; the block's outputs
+on the quantized weights become the next block's inputs.  Only one block's activations
+and Grams live on the device at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mixq.calibration.gram import Gram
+from mixq.errors import MixqError
+from mixq.models import transformer_blocks
+from mixq.plan import LayerSpec
+from mixq.formats import QTensor
+from mixq.solvers import SolveResult, get_solver
+from mixq.solvers.rtn import layer_loss
+
+
+class StopForward(Exception):
+    """Raised by a hook once the activations it needs have been seen."""
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    name: str
+    spec: LayerSpec
+    result: SolveResult
+    rel_error: float  # ‖WX − ŴX‖² / ‖WX‖² on the calibration inputs
+    rtn_rel_error: float  # the same for round-to-nearest on the same format
+    seconds: float
+
+
+Batch = tuple[Tensor, dict[str, Any]]
+
+
+def _call_block(block: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, windows: Tensor, block: nn.Module, *, batch_size: int, device: torch.device) -> list[Batch]:
+    """(hidden states, keyword arguments) entering ``block``, one entry per batch of windows."""
+    captured: list[Batch] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_value", "past_key_values")}
+        captured.append((hidden, kw))
+        raise StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, len(windows), batch_size):
+            try:
+                model(windows[i : i + batch_size].to(device), use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _input_groups(block: nn.Module, names: dict[str, str], batch: Batch) -> list[list[str]]:
+    """Planned layers of a block grouped by shared input, in execution order."""
+    calls: list[tuple[str, int]] = []
+    handles = [
+        module.register_forward_pre_hook(lambda _m, args, n=n: calls.append((n, args[0].data_ptr())))
+        for n, module in block.named_modules() if n in names
+    ]
+    try:
+        _call_block(block, *batch)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last_ptr = None
+    for n, ptr in calls:
+        if groups and ptr == last_ptr:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+        last_ptr = ptr
+    return groups
+
+
+@torch.no_grad()
+def _gram(block: nn.Module, group: list[str], batches: list[Batch]) -> Gram:
+    """The Gram of the input shared by a group's layers; the forward stops at that input."""
+    first = block.get_submodule(group[0])
+    gram = Gram(first.in_features, first.weight.device)
+
+    def hook(_m: nn.Module, args: tuple) -> None:
+        gram.add(args[0])
+        raise StopForward
+
+    handle = first.register_forward_pre_hook(hook)
+    try:
+        for batch in batches:
+            try:
+                _call_block(block, *batch)
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+    return gram
+
+
+def _mergeable(spec: LayerSpec) -> bool:
+    """Row-independent solves (per-row or per-group grids, no outlier budget) can share one call."""
+    opts = spec.opts
+    return not spec.format.per_tensor and not opts.get("outliers") and not opts.get("keep_columns")
+
+
+def _solve_group(layers: list[tuple[str, nn.Module]], specs: dict[str, LayerSpec],
+                 gram: Tensor) -> list[tuple[str, nn.Module, SolveResult, float]]:
+    """Solve the layers that read one input; those with the same spec are stacked along
+    rows and solved in one call (q/k/v, gate/up), which is exact for row-independent solvers."""
+    parts: dict[Any, list[tuple[str, nn.Module]]] = {}
+    for full, layer in layers:
+        key = specs[full] if _mergeable(specs[full]) else full
+        parts.setdefault(key, []).append((full, layer))
+    out = []
+    for members in parts.values():
+        spec = specs[members[0][0]]
+        solver = get_solver(spec.solver)
+        weight = torch.cat([layer.weight.data for _, layer in members], dim=0)
+        start = time.perf_counter()
+        try:
+            result = solver(weight, spec.format, gram, solver.options(spec.opts))
+        except MixqError as e:
+            raise type(e)(f"layers {', '.join(f for f, _ in members)!r}: {e}") from None
+        seconds = (time.perf_counter() - start) / len(members)
+        row = 0
+        for full, layer in members:
+            rows = slice(row, row + layer.weight.shape[0])
+            row = rows.stop
+            if len(members) == 1:
+                out.append((full, layer, result, seconds))
+                continue
+            q = result.qtensor
+            part_q = QTensor(q.fmt, q.codes[rows], {k: v[rows] for k, v in q.params.items()}, q.group_size)
+            w_hat = result.weight[rows]
+            out.append((full, layer, SolveResult(part_q, w_hat, layer_loss(layer.weight.data, w_hat, gram)), seconds))
+    return out
+
+
+def _relative(loss: float, weight: Tensor, gram: Tensor) -> float:
+    w = weight.float()
+    ref = float(((w @ gram) * w).sum())
+    return loss / ref if ref > 0 else 0.0
+
+
+@torch.no_grad()
+def quantize_sequential_(model: nn.Module, specs: dict[str, LayerSpec], windows: Tensor, *,
+                         device: torch.device | str | None = None, batch_size: int = 8,
+                         progress: bool = False, log: Callable[[str], None] | None = None) -> list[LayerRecord]:
+    """Quantize the planned layers inside the transformer blocks, in place, block by block."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    prefix, blocks = transformer_blocks(model)
+    home = next(model.parameters()).device
+    rtn = get_solver("rtn")
+    records: list[LayerRecord] = []
+    _move_except(model, blocks, device)  # everything but the blocks; blocks go one at a time
+    batches = capture_inputs(model, windows, blocks[0], batch_size=batch_size, device=device)
+    if log is not None and device.type == "cpu":
+        blocks[0].to(device)
+        start = time.perf_counter()
+        _call_block(blocks[0], *batches[0])
+        per_pass = (time.perf_counter() - start) * len(batches)
+        log(f"calibration on CPU: {len(windows)} windows x {windows.shape[1]} tokens through {len(blocks)} blocks, "
+            f"about {per_pass * 5 * len(blocks) / 60:.1f} min of forward passes plus the solvers")
+    for b, block in enumerate(tqdm(blocks, desc="calibrate", disable=not progress, leave=False)):
+        block.to(device)
+        block_prefix = f"{prefix}.{b}."
+        names = {n[len(block_prefix):]: n for n in specs if n.startswith(block_prefix)}
+        if names:
+            for group in _input_groups(block, names, batches[0]):
+                gram = _gram(block, group, batches).matrix
+                layers = [(names[n], block.get_submodule(n)) for n in group]
+                for full, layer, result, seconds in _solve_group(layers, specs, gram):
+                    if not torch.isfinite(result.weight).all():
+                        raise MixqError(f"layer {full!r}: {specs[full].solver} produced NaN/inf; refusing to write it")
+                    spec = specs[full]
+                    base = rtn(layer.weight.data, spec.format, gram, rtn.options({}))
+                    records.append(LayerRecord(full, spec, result, _relative(result.loss or 0.0, layer.weight.data, gram),
+                                               _relative(base.loss or 0.0, layer.weight.data, gram), seconds))
+                    layer.weight.data.copy_(result.weight.to(layer.weight.dtype))
+                del gram
+        batches = [(_call_block(block, h, kw), kw) for h, kw in batches]
+        block.to(home)
+    model.to(home)
+    return records
+
+
+def _contains(module: nn.Module, target: nn.Module) -> bool:
+    return any(m is target for m in module.modules())
+
+
+def _move_except(module: nn.Module, keep: nn.Module, device: torch.device) -> None:
+    for child in module.children():
+        if child is keep:
+            continue
+        if _contains(child, keep):
+            _move_except(child, keep, device)
+        else:
+            child.to(device)
+    for p in module.parameters(recurse=False):
+        p.data = p.data.to(device)
+    for n, buf in module.named_buffers(recurse=False):
+        setattr(module, n, buf.to(device))
+
+
+__all__ = ["LayerRecord", "StopForward", "capture_inputs", "quantize_sequential_"]

@@ -1,0 +1,144 @@
+"""GPTQ (Frantar et al. 2022) for any format: columns are quantized one at a time and
+the error of each is spread over the not-yet-quantized columns through the inverse
+Hessian's Cholesky factor, in blocks with lazy updates (as IST-DASLab/gptq).
+
+Differences from the reference, on purpose:
+* group parameters are fitted on the *updated* columns of a group when the group starts
+  (blocks are aligned to groups so those columns are current; the reference fits on a
+  stale copy when a group starts inside a block);
+* act-order with groups keeps the stored groups contiguous by fitting them up front
+  (static groups), so the result is an ordinary per-group checkpoint;
+* a Gram matrix that Cholesky rejects is damped ten times harder, up to three times.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mixq.errors import MixqError, PlanError
+from mixq.formats import Format
+from mixq.solvers.grid import ColumnGrid
+from mixq.solvers.registry import SolveResult, register_solver
+from mixq.solvers.rtn import layer_loss
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    damp: float = 0.01  # fraction of the mean diagonal added to the Gram's diagonal
+    block_size: int = 128  # columns per lazy-update block
+    act_order: bool = False  # quantize columns in order of decreasing Gram diagonal
+    static_groups: bool = False  # fit every group on the original weight before solving
+    keep_columns: float = 0.0  # LLM.int8()-style: fraction of input columns (largest input RMS) kept in 16 bits
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.damp < 1:
+            raise PlanError(f"gptq: damp must be in [0, 1), got {self.damp}")
+        if self.block_size < 1:
+            raise PlanError(f"gptq: block_size must be positive, got {self.block_size}")
+        if not 0 <= self.keep_columns < 1:
+            raise PlanError(f"gptq: keep_columns must be a fraction in [0, 1), got {self.keep_columns}")
+
+
+def column_outlier_bits(rows: int, columns: int) -> int:
+    """Whole columns kept in 16 bits, each with a 32-bit column index."""
+    return columns * (rows * 16 + 32)
+
+
+def _gptq_extra_bits(options: GPTQOptions, shape: tuple[int, int]) -> int:
+    return column_outlier_bits(shape[0], round(options.keep_columns * shape[1]))
+
+
+def inverse_cholesky(gram: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, damping harder if needed."""
+    n = gram.shape[0]
+    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+    base = float(torch.diag(gram).mean())
+    for attempt in range(4):
+        h = gram + (damp * 10**attempt) * base * eye
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0:
+                return upper
+    raise MixqError(f"the Gram matrix is not positive definite even with damping {damp * 1000:g} (x mean diagonal)")
+
+
+def aligned_blocks(cols: int, group: int, block_size: int) -> list[tuple[int, int]]:
+    """Blocks of at most ``block_size`` columns whose edges include every group start."""
+    if group <= block_size:
+        step = (block_size // group) * group
+        edges = list(range(0, cols, step))
+    else:
+        k = math.ceil(group / block_size)
+        while group % k:
+            k += 1
+        edges = sorted(set(range(0, cols, group // k)))
+    edges = sorted(set(edges) | set(range(0, cols, group)))
+    return [(a, b) for a, b in zip(edges, edges[1:] + [cols])]
+
+
+def prepare(weight: Tensor, gram: Tensor) -> tuple[Tensor, Tensor]:
+    """float32 copies with dead inputs (zero diagonal) neutralised, as the reference does."""
+    w = weight.detach().float().clone()
+    h = gram.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    return w, h
+
+
+@register_solver("gptq", GPTQOptions, needs_calibration=True, extra_bits=_gptq_extra_bits)
+def solve_gptq(weight: Tensor, fmt: Format, gram: Tensor | None, options: GPTQOptions) -> SolveResult:
+    if gram is None:
+        raise PlanError("gptq needs a Gram matrix (calibration data)")
+    w, h = prepare(weight, gram)
+    rows, cols = w.shape
+    grid = ColumnGrid.of(fmt, cols)
+    static = options.static_groups or options.act_order or fmt.per_tensor or grid.width == cols
+    if static:
+        grid.fit_all(w)
+        blocks = [(a, min(a + options.block_size, cols)) for a in range(0, cols, options.block_size)]
+    else:
+        blocks = aligned_blocks(cols, grid.width, options.block_size)
+    perm = torch.argsort(torch.diag(h), descending=True) if options.act_order else torch.arange(cols, device=w.device)
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv = inverse_cholesky(h, options.damp)
+    q = torch.zeros_like(w)
+    order = perm.tolist()
+    n_keep = round(options.keep_columns * cols)
+    kept = set(torch.topk(torch.diag(gram.float()), n_keep).indices.tolist()) if n_keep else set()
+    for a, b in blocks:
+        w1 = w[:, a:b].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[a:b, a:b]
+        for i in range(b - a):
+            col = order[a + i]
+            if not static and col % grid.width == 0:
+                g = grid.group_of(col)
+                n = grid.span(g)[1] - col
+                # blocks are aligned to groups: a group inside this block is current in w1;
+                # a group longer than the block starts with it, and w is current there
+                grid.fit(g, w1[:, i : i + n] if i + n <= b - a else w[:, a : a + n])
+            wi = w1[:, i]
+            qi = wi if col in kept else grid.round(col, wi)
+            q[:, a + i] = qi
+            e = (wi - qi) / hinv1[i, i]
+            w1[:, i:].sub_(e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0))
+            err1[:, i] = e
+        w[:, b:].sub_(err1 @ hinv[a:b, b:])
+    inv = torch.argsort(perm)
+    q = q[:, inv]
+    qt = grid.qtensor(q)
+    w_hat = fmt.dequantize(qt)
+    outliers = None
+    if kept:
+        cols_kept = sorted(kept)
+        outliers = torch.zeros_like(w_hat)
+        outliers[:, cols_kept] = weight.float()[:, cols_kept] - w_hat[:, cols_kept]
+        w_hat = w_hat + outliers
+    return SolveResult(qt, w_hat, layer_loss(weight, w_hat, gram), outliers)
