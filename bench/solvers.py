@@ -58,7 +58,6 @@ def main() -> None:
     loaded = load_model(args.model, dtype=args.dtype, device=device)
     test = windows(tokenize(loaded.tokenizer, load_text("wikitext2", "test", root=args.data_dir)), args.seqlen)
     val = tokenize(loaded.tokenizer, load_text("wikitext2", "validation", root=args.data_dir))
-    calib = calibration_windows(val, args.nsamples, args.seqlen, seed=0)
     base = loaded.model
     base_ppl = perplexity(base, test, batch_size=args.batch_size).ppl
     out = Path(args.out)
@@ -67,18 +66,22 @@ def main() -> None:
     print(f"base ppl {base_ppl:.4f}", flush=True)
     for text in args.settings.split(","):
         fmt, solver, opts = parse_setting(text)
+        true_sequential = opts.pop("true_sequential", True)
+        seed = opts.pop("seed", 0)  # calibration draw
+        calib = calibration_windows(val, args.nsamples, args.seqlen, seed=seed)
         plan = Plan.uniform(fmt, solver, **opts)
         model = copy.deepcopy(base)
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        q = quantize_(model, plan, calibration=None if solver == "rtn" else calib, device=device, batch_size=args.batch_size)
+        q = quantize_(model, plan, calibration=None if solver == "rtn" else calib, device=device,
+                      batch_size=args.batch_size, true_sequential=true_sequential)
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t
         ppl = perplexity(model, test, batch_size=args.batch_size).ppl
         rep = plan.size_report(base)
-        row = {"setting": text, "format": fmt, "solver": solver, "options": opts, "ppl": ppl,
+        row = {"setting": text, "format": fmt, "solver": solver, "options": opts, "true_sequential": true_sequential, "seed": seed, "ppl": ppl,
                "bits_per_weight": rep.bits_per_weight, "size_bytes": rep.size_bytes, "quantize_seconds": seconds}
         rows.append(row)
         with out.with_suffix(".jsonl").open("a") as fh:
@@ -93,7 +96,7 @@ def main() -> None:
              f"from the validation split; base ppl {base_ppl:.4f} (the GGUF's dequantised weights).", "",
              "| format | solver | options | ppl | bits/weight | quantize s |", "|---|---|---|---|---|---|"]
     for r in rows:
-        o = ", ".join(f"{k}={v}" for k, v in r["options"].items())
+        o = ", ".join([f"{k}={v}" for k, v in r["options"].items()] + ([] if r["true_sequential"] else ["not true-sequential"]) + ([f"calibration seed {r['seed']}"] if r["seed"] else []))
         lines.append(f"| {r['format']} | {r['solver']} | {o} | {r['ppl']:.3f} | {r['bits_per_weight']:.4f} | {r['quantize_seconds']:.1f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -44,7 +44,7 @@ class QuantizeResult:
 @torch.no_grad()
 def quantize_(model: nn.Module, plan: Plan, *, calibration: Tensor | None = None,
               device: torch.device | str | None = None, batch_size: int = 8, progress: bool = False,
-              log: Callable[[str], None] | None = None) -> QuantizeResult:
+              log: Callable[[str], None] | None = None, true_sequential: bool = True) -> QuantizeResult:
     """Replace every planned weight by its dequantised value; return the codes.
 
     With ``calibration`` windows ([n, seqlen] token ids) the layers inside transformer
@@ -60,7 +60,7 @@ def quantize_(model: nn.Module, plan: Plan, *, calibration: Tensor | None = None
         prefix = transformer_blocks(model)[0] + "."
         inside = {n: s for n, s in specs.items() if n.startswith(prefix)}
         for rec in quantize_sequential_(model, inside, calibration, device=device, batch_size=batch_size,
-                                        progress=progress, log=log):
+                                        progress=progress, log=log, true_sequential=true_sequential):
             out[rec.name] = QuantizedLayer(rec.spec, rec.result.qtensor, rec.result.loss, rec.rel_error,
                                            rec.rtn_rel_error, rec.seconds, rec.result.outliers)
     rest = {n: s for n, s in specs.items() if n not in out}

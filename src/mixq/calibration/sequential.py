@@ -166,8 +166,13 @@ def _relative(loss: float, weight: Tensor, gram: Tensor) -> float:
 @torch.no_grad()
 def quantize_sequential_(model: nn.Module, specs: dict[str, LayerSpec], windows: Tensor, *,
                          device: torch.device | str | None = None, batch_size: int = 8,
-                         progress: bool = False, log: Callable[[str], None] | None = None) -> list[LayerRecord]:
-    """Quantize the planned layers inside the transformer blocks, in place, block by block."""
+                         progress: bool = False, log: Callable[[str], None] | None = None,
+                         true_sequential: bool = True) -> list[LayerRecord]:
+    """Quantize the planned layers inside the transformer blocks, in place, block by block.
+
+    With ``true_sequential=False`` every Gram of a block is taken before any of its layers
+    is quantized (as GPTQ's reference script does without ``--true-sequential``).
+    """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     prefix, blocks = transformer_blocks(model)
     home = next(model.parameters()).device
@@ -187,8 +192,10 @@ def quantize_sequential_(model: nn.Module, specs: dict[str, LayerSpec], windows:
         block_prefix = f"{prefix}.{b}."
         names = {n[len(block_prefix):]: n for n in specs if n.startswith(block_prefix)}
         if names:
-            for group in _input_groups(block, names, batches[0]):
-                gram = _gram(block, group, batches).matrix
+            groups = _input_groups(block, names, batches[0])
+            early = None if true_sequential else [_gram(block, g, batches).matrix for g in groups]
+            for k, group in enumerate(groups):
+                gram = _gram(block, group, batches).matrix if early is None else early[k]
                 layers = [(names[n], block.get_submodule(n)) for n in group]
                 for full, layer, result, seconds in _solve_group(layers, specs, gram):
                     if not torch.isfinite(result.weight).all():

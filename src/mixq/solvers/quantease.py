@@ -90,10 +90,9 @@ def sweep(w: Tensor, sigma_n: Tensor, grid: ColumnGrid, w_hat: Tensor, *, quanti
             old = w_hat[:, j]
             beta = old + r1[:, i]
             new = grid.round(j, beta) if quantize else beta
-            d = old - new  # Δ_j grows by old − new
-            w_hat[:, j] = new
+            d = torch.sub(old, new, out=d1[:, i])  # Δ_j grows by old − new
+            old.copy_(new)
             r1[:, i:].addr_(d, s1[i, i:])
-            d1[:, i] = d
         if b < cols:
             r[:, b:].addmm_(d1, sigma_n[a:b, b:])
 
