@@ -1,0 +1,114 @@
+"""The calibration pipeline: Gram accumulation, block capture and propagation, groups."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mixq.calibration import Gram
+from mixq.calibration.sequential import _call_block, _input_groups, capture_inputs
+from mixq.cli import main
+from mixq.errors import PlanError
+from mixq.formats import parse_format
+from mixq.plan import Plan
+from mixq.quantize import quantize_
+
+
+@pytest.fixture
+def calib():
+    return torch.randint(0, 300, (6, 48), generator=torch.Generator().manual_seed(1))
+
+
+def test_gram_running_mean():
+    x = torch.randn(3, 50, 16)
+    g = Gram(16)
+    for batch in x:
+        g.add(batch)
+    flat = x.reshape(-1, 16)
+    assert torch.allclose(g.matrix, flat.T @ flat / 150, atol=1e-5)
+    assert g.tokens == 150 and torch.equal(g.absmax, flat.abs().amax(0))
+
+
+def test_block_propagation_matches_the_model(model, calib):
+    batches = capture_inputs(model, calib, model.model.layers[0], batch_size=4, device=torch.device("cpu"))
+    assert [len(h) for h, _ in batches] == [4, 2]
+    with torch.no_grad():
+        hidden = model(calib, output_hidden_states=True).hidden_states
+        assert torch.equal(torch.cat([h for h, _ in batches]), hidden[0])
+        out = [(_call_block(model.model.layers[0], h, kw), kw) for h, kw in batches]
+    assert torch.allclose(torch.cat([h for h, _ in out]), hidden[1], atol=1e-6)
+
+
+def test_input_groups_in_execution_order(model, calib):
+    batches = capture_inputs(model, calib, model.model.layers[0], batch_size=6, device=torch.device("cpu"))
+    names = {n: n for n, _ in model.model.layers[0].named_modules() if n.endswith("proj")}
+    assert _input_groups(model.model.layers[0], names, batches[0]) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_gptq_pipeline_reduces_reconstruction_error(model, calib):
+    result = quantize_(model, Plan.uniform("int3-g32", "gptq"), calibration=calib, batch_size=4)
+    rows = result.report()
+    assert len(rows) == 14 and all(r["rel_error"] is not None for r in rows)
+    assert sum(r["rel_error"] for r in rows) < 0.8 * sum(r["rtn_rel_error"] for r in rows)
+    fmt = parse_format("int3-g32")
+    for name, layer in result.layers.items():
+        assert torch.equal(fmt.dequantize(layer.qtensor).to(torch.float32), model.get_submodule(name).weight)
+
+
+def test_rtn_with_calibration_reports_rtn_error(model, calib):
+    rows = quantize_(model, Plan.uniform("int4-g32"), calibration=calib, batch_size=6).report()
+    assert all(r["rel_error"] == pytest.approx(r["rtn_rel_error"], rel=1e-6) for r in rows)
+
+
+def test_true_sequential_changes_later_grams(calib):
+    from conftest import tiny_llama
+
+    a, b = tiny_llama(), tiny_llama()
+    ra = quantize_(a, Plan.uniform("int2-g32", "gptq"), calibration=calib, true_sequential=True).report()
+    rb = quantize_(b, Plan.uniform("int2-g32", "gptq"), calibration=calib, true_sequential=False).report()
+    q = [r["rel_error"] for r in ra if "q_proj" in r["layer"]][0], [r["rel_error"] for r in rb if "q_proj" in r["layer"]][0]
+    o = [r["rel_error"] for r in ra if "layers.0.self_attn.o_proj" in r["layer"]][0], \
+        [r["rel_error"] for r in rb if "layers.0.self_attn.o_proj" in r["layer"]][0]
+    assert q[0] == pytest.approx(q[1], rel=1e-6)  # the first group sees the same inputs
+    assert o[0] != pytest.approx(o[1], rel=1e-3)  # o_proj sees quantized q/k/v only when sequential
+
+
+def test_calibrated_solver_without_data(model):
+    with pytest.raises(PlanError, match="needs calibration data"):
+        quantize_(model, Plan.uniform("int4-g32", "gptq"))
+
+
+def _cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_calibrated_eval_and_report(capsys, tiny_dir, text_file, tmp_path):
+    report = tmp_path / "report.json"
+    code, out, _ = _cli(capsys, "eval", "--model", str(tiny_dir), "--dataset", str(text_file), "--plan", "int3-g32",
+                        "--solver", "gptq", "--calib-dataset", str(text_file), "--nsamples", "4", "--seqlen", "32",
+                        "--limit", "2", "--json", "--device", "cpu", "--report", str(report))
+    assert code == 0
+    row = json.loads(out)
+    assert row["calibration"]["nsamples"] == 4 and row["plan"] == "int3-g32 gptq"
+    layers = json.loads(report.read_text())["layers"]
+    assert len(layers) == 14 and all(r["solver"] == "gptq" and r["rel_error"] < r["rtn_rel_error"] * 1.05 for r in layers)
+
+
+def test_cli_outliers_size_and_errors(capsys, tiny_dir, text_file):
+    base = ["eval", "--model", str(tiny_dir), "--dataset", str(text_file), "--plan", "int3-g32", "--calib-dataset",
+            str(text_file), "--nsamples", "2", "--seqlen", "32", "--limit", "1", "--json", "--device", "cpu"]
+    code, out, _ = _cli(capsys, *base, "--solver", "quantease", "--outliers", "0.01", "--option", "iterations=2")
+    plain = json.loads(_cli(capsys, *base)[1])
+    assert code == 0 and json.loads(out)["bits_per_weight"] > plain["bits_per_weight"]  # outliers are counted
+    code, _, err = _cli(capsys, *base, "--solver", "gptq", "--outliers", "0.01")
+    assert code == 2 and "keeps no outliers" in err
+    code, _, err = _cli(capsys, *base, "--structured")
+    assert code == 2 and "--structured needs --outliers" in err
+    code, _, err = _cli(capsys, *base, "--solver", "gptq", "--seqlen", "100000")
+    assert code == 2 and "fewer than one window" in err
