@@ -59,7 +59,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test")
     e.add_argument("--kl", action="store_true", help="also report KL(base ‖ quantized) on the same windows")
     _shared(e)
+    se = sub.add_parser("search", help="search per-layer formats under a size budget")
+    se.add_argument("--space", default=None, help="search space file (YAML/JSON); default: block granularity, int2..int8")
+    se.add_argument("--objective", default="ppl", choices=["ppl"], help="what the search minimises (perplexity on validation windows)")
+    se.add_argument("--max-size", default=None, help="model size budget, e.g. 100MB, 95MiB, 1.5GB or bytes")
+    se.add_argument("--max-bits", type=float, default=None, help="average bits per quantized weight budget")
+    se.add_argument("--backend", default="tpe", help="tpe, nsga2, nsga3, qmc, random, gp (ax: not yet)")
+    se.add_argument("--trials", type=int, default=100)
+    se.add_argument("--run-dir", required=True, help="where the study, trials and report are kept")
+    se.add_argument("--resume", action="store_true", help="continue the study in --run-dir")
+    se.add_argument("--final-limit", type=int, default=None, help="test windows for the final table (default: all)")
+    _shared(se)
+
+    r = sub.add_parser("report", help="re-render the report of a search run directory")
+    r.add_argument("run_dir")
     return parser
+
+
+def parse_size(text: str) -> int:
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]i?b|b)?\s*", text.lower())
+    if not m:
+        raise MixqError(f"--max-size {text!r}: expected a size such as 100MB, 95MiB or 123456789")
+    unit = m.group(2) or "b"
+    scale = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -303,7 +328,127 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     Console().print(table)
 
 
-COMMANDS = {"formats": cmd_formats, "quantize": cmd_quantize, "eval": cmd_eval}
+def cmd_search(args: argparse.Namespace) -> int:
+    from mixq.data import load_text, tokenize, windows
+    from mixq.errors import PlanError
+    from mixq.evaluate import perplexity
+    from mixq.plan import Plan
+    from mixq.search import SearchConfig, SearchSpace, run_search
+    from mixq.search.report import write_report
+    from mixq.search.study import Store
+
+    device, dtype, batch = _setup(args)
+    if args.max_size is None and args.max_bits is None:
+        raise MixqError("give a budget: --max-size or --max-bits")
+    if args.trials < 1:
+        raise MixqError(f"--trials must be positive, got {args.trials}")
+    from mixq.search.backends import make_sampler
+
+    make_sampler(args.backend, args.seed)  # names a bad backend before loading anything
+    space = SearchSpace.load(args.space) if args.space else SearchSpace()
+    config = SearchConfig(backend=args.backend, trials=args.trials, max_bits=args.max_bits,
+                          max_size=None if args.max_size is None else parse_size(args.max_size), seed=args.seed,
+                          batch_size=batch)
+    loaded = _load(args, device, dtype)
+    model = loaded.model
+    val = tokenize(loaded.tokenizer, load_text("wikitext2", "validation", root=args.data_dir))
+    limit = args.limit or 4
+    score = windows(val, args.seqlen, limit=limit)
+    rescore = windows(val, args.seqlen, limit=4 * limit)
+    test = windows(tokenize(loaded.tokenizer, load_text("wikitext2", "test", root=args.data_dir)), args.seqlen, limit=args.final_limit)
+    identity = loaded.identity()
+    meta = {"model": args.model, "model_sha256": identity["sha256"], "space": space.to_dict(), "objective": args.objective,
+            "max_bits": config.max_bits, "max_size": config.max_size, "seqlen": args.seqlen, "limit": limit,
+            "backend": args.backend, "trials": args.trials, "seed": args.seed, "command": args.command_line}
+    units = space.units(model)
+    initial = [{u.name: c for u in units} for c in space.choices]  # uniform baselines first
+    run_dir = Path(args.run_dir)
+    trials = run_search(model, space, score, config, run_dir, meta=meta, resume=args.resume, initial=initial,
+                        progress=not args.json)
+    # multi-fidelity: re-score the best few on more windows, then the final table on the test split
+    from mixq.search.study import WeightCache
+
+    cache = WeightCache(model, [layer for u in units for layer in u.layers])
+    top = sorted({json.dumps(t["assignment"], sort_keys=True): t for t in trials}.values(), key=lambda t: t["ppl"])[:5]
+    for t in top:
+        cache.apply(units, t["assignment"])
+        t["rescore_ppl"] = perplexity(model, rescore, batch_size=batch).ppl
+    cache.restore()
+    best = min(top, key=lambda t: t["rescore_ppl"])
+    best_plan = Plan.from_dict(best["plan"])
+    best_plan.save(run_dir / "best_plan.yaml")
+
+    def final(label: str, plan: Any) -> dict[str, Any]:
+        from mixq.quantize import quantize_
+
+        m = model if not plan.resolve(model) else copy.deepcopy(model)
+        if m is not model:
+            quantize_(m, plan)
+        rep = plan.size_report(model)
+        row = {"label": label, "ppl": perplexity(m, test, batch_size=batch).ppl, "bits_per_weight": rep.bits_per_weight,
+               "size_bytes": rep.size_bytes}
+        del m
+        return row
+
+    def feasible(p: Any) -> bool:
+        rep = p.size_report(model)
+        return config.budget_ok(rep.bits_per_weight, rep.size_bytes)
+
+    uniform = [c for c in space.choices if feasible(Plan.uniform(c))]
+    rows = [final("base (16-bit)", Plan())]
+    for name in ("int8", "int4-g128"):
+        try:
+            rows.append(final(f"{name} uniform", Plan.uniform(name)))
+        except PlanError:  # a format this model's rows cannot take (e.g. groups wider than a row)
+            pass
+    if uniform:
+        top_uniform = max(uniform, key=lambda c: Plan.uniform(c).bits(model))
+        rows.append(final(f"heuristic: largest uniform that fits ({top_uniform})", Plan.uniform(top_uniform)))
+    rows.append(final("best searched plan", best_plan))
+    budget = " and ".join(x for x in (f"≤ {config.max_bits} bits/weight" if config.max_bits else "",
+                                      f"≤ {config.max_size:,} bytes" if config.max_size else "") if x)
+    report = {"model": args.model, "backend": args.backend, "budget": budget, "rows": rows,
+              "score": f"{len(score)} validation windows × {args.seqlen} (re-scored on {len(rescore)})",
+              "final": f"{len(test)} test windows × {args.seqlen}",
+              "rejected": max((t.get("rejected_so_far", 0) for t in trials), default=0),
+              "mean_eval_seconds": sum(t["eval_seconds"] for t in trials) / len(trials),
+              "mean_propose_seconds": sum(t["propose_seconds"] for t in trials) / len(trials),
+              "solver_note": f"{space.solver} for every trial and for the final plans (cached per layer and choice)",
+              "best": best, "provenance": provenance_record(args, identity, device)}
+    write_report(run_dir, report, Store(run_dir).trials())
+    if args.json:
+        print(json.dumps({k: report[k] for k in ("rows", "budget", "rejected")} | {"best_plan": str(run_dir / "best_plan.yaml")}))
+    else:
+        print((run_dir / "report.md").read_text())
+    return 0
+
+
+def provenance_record(args: argparse.Namespace, identity: dict[str, str], device: str) -> dict[str, Any]:
+    from mixq.provenance import provenance
+
+    return provenance(model=identity, seed=args.seed, device=device, command=args.command_line)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mixq.search.report import write_report
+    from mixq.search.study import Store
+
+    run_dir = Path(args.run_dir)
+    path = run_dir / "report.json"
+    if not path.is_file():
+        trials = Store(run_dir).trials()
+        if not trials:
+            raise MixqError(f"{run_dir} holds no search (no report.json, no trials.jsonl)")
+        best = min(trials, key=lambda t: t["ppl"])
+        print(f"{len(trials)} trials so far (no final report yet); best ppl on the scoring windows {best['ppl']:.4f} "
+              f"at {best['bits_per_weight']:.4f} bits/weight")
+        return 0
+    write_report(run_dir, json.loads(path.read_text()), Store(run_dir).trials())
+    print((run_dir / "report.md").read_text())
+    return 0
+
+
+COMMANDS = {"formats": cmd_formats, "quantize": cmd_quantize, "eval": cmd_eval, "search": cmd_search, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

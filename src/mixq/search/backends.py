@@ -1,0 +1,32 @@
+"""Search backends: Optuna samplers by name (Ax comes through its own Client later)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mixq.errors import MixqError
+
+
+def _optuna_samplers() -> dict[str, Callable[[int], object]]:
+    import optuna
+
+    return {
+        "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+        "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+        "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
+        "nsga3": lambda seed: optuna.samplers.NSGAIIISampler(seed=seed),
+        "qmc": lambda seed: optuna.samplers.QMCSampler(seed=seed),
+        "gp": lambda seed: optuna.samplers.GPSampler(seed=seed),
+    }
+
+
+BACKENDS = ("random", "tpe", "nsga2", "nsga3", "qmc", "gp", "ax")
+
+
+def make_sampler(name: str, seed: int) -> object:
+    if name == "ax":
+        raise MixqError("backend 'ax' is not available in this version of mixq; use tpe, nsga2, nsga3, qmc, random or gp")
+    samplers = _optuna_samplers()
+    if name not in samplers:
+        raise MixqError(f"unknown backend {name!r} (one of {', '.join(BACKENDS)})")
+    return samplers[name](seed)

@@ -1,0 +1,129 @@
+"""The search space: which layers are searched, at what granularity, among which choices.
+
+    granularity: block          # layer | block | shared | model
+    choices: [int3-g64, int4-g128, int4-g32, int8]
+    solver: rtn
+    include: []                 # layer names / re: patterns searched (default: every Linear)
+    fixed:                      # layers pinned to a spec, not searched
+      - {match: "re:model\\.layers\\.0\\..*", format: int8}
+    tied: [[q_proj, k_proj, v_proj], [gate_proj, up_proj]]   # fused by serving engines
+
+A *unit* is what one search parameter sets: one layer (or one tied group of layers) of
+one block, a whole block, one layer kind shared by every block, or the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from mixq.errors import PlanError
+from mixq.formats import parse_format
+from mixq.plan import LayerSpec, Plan, _matches
+
+GRANULARITIES = ("layer", "block", "shared", "model")
+DEFAULT_CHOICES = ("int2-g64", "int3-g128", "int3-g64", "int3-g32", "int4-g128", "int4-g32", "int5-g128", "int6-g128", "int8")
+DEFAULT_TIED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str
+    layers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    choices: tuple[str, ...] = DEFAULT_CHOICES
+    granularity: str = "block"
+    solver: str = "rtn"
+    include: tuple[str, ...] = ()
+    fixed: tuple[tuple[str, LayerSpec], ...] = ()
+    tied: tuple[tuple[str, ...], ...] = DEFAULT_TIED
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise PlanError(f"search space: granularity {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        if not self.choices:
+            raise PlanError("search space: no choices")
+        for c in self.choices:
+            LayerSpec.from_dict({"format": c, "solver": self.solver}, f"search space choice {c!r}")
+        if len(set(self.choices)) != len(self.choices):
+            raise PlanError("search space: duplicate choices")
+
+    # -- serialisation ----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"granularity": self.granularity, "choices": list(self.choices), "solver": self.solver,
+                "include": list(self.include), "fixed": [{"match": m, **s.to_dict()} for m, s in self.fixed],
+                "tied": [list(t) for t in self.tied]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SearchSpace:
+        if not isinstance(d, dict):
+            raise PlanError("a search space is a mapping (granularity, choices, ...)")
+        unknown = set(d) - {"granularity", "choices", "solver", "include", "fixed", "tied"}
+        if unknown:
+            raise PlanError(f"search space: unknown key(s) {', '.join(sorted(unknown))}")
+        fixed = tuple((str(r["match"]), LayerSpec.from_dict(r, f"fixed {r.get('match')!r}")) for r in d.get("fixed") or [])
+        return cls(tuple(str(parse_format(c).name) for c in d.get("choices") or DEFAULT_CHOICES),
+                   str(d.get("granularity", "block")), str(d.get("solver", "rtn")), tuple(d.get("include") or ()),
+                   fixed, tuple(tuple(t) for t in d.get("tied", DEFAULT_TIED)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> SearchSpace:
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"search space file not found: {path}")
+        try:
+            return cls.from_dict(yaml.safe_load(path.read_text()) or {})
+        except yaml.YAMLError as e:
+            raise PlanError(f"search space {path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+
+    def fingerprint(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    # -- units ------------------------------------------------------------------
+    def units(self, model: nn.Module) -> list[Unit]:
+        from mixq.models import quantizable_layers, transformer_blocks
+
+        prefix, blocks = transformer_blocks(model)
+        names = [n for n in quantizable_layers(model)
+                 if not any(_matches(m, n) for m, _ in self.fixed)
+                 and (not self.include or any(_matches(p, n) for p in self.include))]
+        if not names:
+            raise PlanError("the search space holds no layer (check include/fixed)")
+        units: dict[str, list[str]] = {}
+        for n in names:
+            block, suffix = None, n
+            for i in range(len(blocks)):
+                if n.startswith(f"{prefix}.{i}."):
+                    block, suffix = i, n[len(f"{prefix}.{i}.") :]
+                    break
+            leaf = suffix.rsplit(".", 1)[-1]
+            group = next((t for t in self.tied if leaf in t), None)
+            kind = suffix if group is None else suffix[: len(suffix) - len(leaf)] + "+".join(group)
+            if block is None:
+                key = n
+            elif self.granularity == "layer":
+                key = f"{prefix}.{block}.{kind}"
+            elif self.granularity == "block":
+                key = f"{prefix}.{block}"
+            elif self.granularity == "shared":
+                key = kind
+            else:
+                key = "model"
+            units.setdefault(key, []).append(n)
+        return [Unit(k, tuple(v)) for k, v in units.items()]
+
+    def plan(self, units: list[Unit], assignment: dict[str, str]) -> Plan:
+        """The plan that gives every layer of each unit the unit's choice."""
+        rules = list(self.fixed)
+        for u in units:
+            spec = LayerSpec.of(assignment[u.name], self.solver)
+            rules += [(layer, spec) for layer in u.layers]
+        return Plan(tuple(rules))

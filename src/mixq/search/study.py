@@ -1,0 +1,218 @@
+"""The search loop: propose, check the size budget, swap cached weights in, score, store.
+
+Every finished trial goes at once to the Optuna study (SQLite, ``study.db``) and to
+``trials.jsonl`` (one JSON object per line) in the run directory; ``--resume`` reloads
+both and carries on, losing at most the trial in flight.  A proposal over the budget is
+rejected before it is evaluated (not counted toward the trials) and repaired: its most
+expensive units step down to cheaper choices until the plan fits; the repaired plan is
+evaluated and recorded as a trial of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mixq.errors import MixqError, PlanError
+from mixq.evaluate import perplexity
+from mixq.formats import parse_format
+from mixq.plan import Plan
+from mixq.search.backends import make_sampler
+from mixq.search.space import SearchSpace, Unit
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    backend: str = "tpe"
+    trials: int = 100
+    max_bits: float | None = None  # average bits per quantized weight
+    max_size: int | None = None  # bytes of the whole model
+    seed: int = 0
+    batch_size: int = 8
+    rescore_top: int = 5  # best trials re-scored on the re-scoring windows
+
+    def budget_ok(self, bits: float, size: int) -> bool:
+        return (self.max_bits is None or bits <= self.max_bits + 1e-12) and (self.max_size is None or size <= self.max_size)
+
+
+class WeightCache:
+    """Fake-quantized weights per (layer, choice), computed once; a trial only swaps them in.
+
+    Kept on the model's device. Only data-free solvers (RTN) are cached; calibrated
+    solvers are applied to the final plan (see the report).
+    """
+
+    def __init__(self, model: nn.Module, layers: list[str]) -> None:
+        self.model = model
+        self.original = {n: model.get_submodule(n).weight.detach().clone() for n in layers}
+        self.cache: dict[tuple[str, str], Tensor] = {}
+
+    def weight(self, layer: str, choice: str) -> Tensor:
+        key = (layer, choice)
+        if key not in self.cache:
+            w = self.original[layer]
+            self.cache[key] = parse_format(choice).fake_quantize(w).to(w.dtype)
+        return self.cache[key]
+
+    @torch.no_grad()
+    def apply(self, units: list[Unit], assignment: dict[str, str]) -> None:
+        for u in units:
+            for layer in u.layers:
+                self.model.get_submodule(layer).weight.data.copy_(self.weight(layer, assignment[u.name]))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for n, w in self.original.items():
+            self.model.get_submodule(n).weight.data.copy_(w)
+
+
+def _cost_order(space: SearchSpace, shape: tuple[int, int]) -> list[str]:
+    return sorted(space.choices, key=lambda c: parse_format(c).bits_per_weight(shape))
+
+
+def repair(space: SearchSpace, units: list[Unit], assignment: dict[str, str], fits) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Step the most expensive units down one choice at a time until ``fits(assignment)``."""
+    order = _cost_order(space, (4096, 4096))
+    a = dict(assignment)
+    while not fits(a):
+        candidates = [u for u in units if order.index(a[u.name]) > 0]
+        if not candidates:
+            raise PlanError("no plan of this space fits the budget")
+        worst = max(candidates, key=lambda u: (order.index(a[u.name]), -units.index(u)))
+        a[worst.name] = order[order.index(a[worst.name]) - 1]
+    return a
+
+
+def _size(space: SearchSpace, units: list[Unit], assignment: dict[str, str], model: nn.Module) -> tuple[float, int]:
+    rep = space.plan(units, assignment).size_report(model)
+    return rep.bits_per_weight, rep.size_bytes
+
+
+def check_budget(space: SearchSpace, units: list[Unit], model: nn.Module, config: SearchConfig) -> None:
+    """Refuse a budget that no plan of the space meets, saying by how much."""
+    if config.max_bits is not None and not 0 < config.max_bits <= 16:
+        raise PlanError(f"--max-bits must be in (0, 16], got {config.max_bits}")
+    cheapest = _cost_order(space, (4096, 4096))[0]
+    bits, size = _size(space, units, {u.name: cheapest for u in units}, model)
+    if config.max_bits is not None and bits > config.max_bits:
+        raise PlanError(f"infeasible budget: the smallest plan of this space averages {bits:.4f} bits/weight, "
+                        f"{bits - config.max_bits:.4f} above --max-bits {config.max_bits}")
+    if config.max_size is not None and size > config.max_size:
+        raise PlanError(f"infeasible budget: the smallest plan of this space takes {size:,} bytes, "
+                        f"{size - config.max_size:,} more than --max-size {config.max_size:,}")
+
+
+class Store:
+    """The run directory: config, space, trials.jsonl, study.db, best plans, report."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = run_dir
+        self.trials_path = run_dir / "trials.jsonl"
+
+    def storage_url(self) -> str:
+        return f"sqlite:///{(self.dir / 'study.db').resolve()}"
+
+    def write_meta(self, meta: dict[str, Any], space: SearchSpace, resume: bool) -> None:
+        path = self.dir / "config.json"
+        if resume:
+            if not path.is_file():
+                raise MixqError(f"--resume: {self.dir} holds no study (no config.json)")
+            old = json.loads(path.read_text())
+            for key in ("model_sha256", "space", "objective", "max_bits", "max_size", "seqlen", "limit"):
+                if old.get(key) != meta.get(key):
+                    raise MixqError(f"--resume: {self.dir} was made with another {key} "
+                                    f"({old.get(key)!r}, now {meta.get(key)!r}); use a new --run-dir")
+            return
+        if path.exists() or self.trials_path.exists():
+            raise MixqError(f"{self.dir} already holds a study; pass --resume to continue it or choose another --run-dir")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "space.yaml").write_text(json.dumps(space.to_dict(), indent=2))
+        path.write_text(json.dumps(meta, indent=2))
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record) + "\n"
+        with self.trials_path.open("a") as fh:  # one write per trial; a torn last line is skipped on read
+            fh.write(line)
+            fh.flush()
+
+    def trials(self) -> list[dict[str, Any]]:
+        if not self.trials_path.is_file():
+            return []
+        out = []
+        for line in self.trials_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a crash
+        return out
+
+
+def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, config: SearchConfig, run_dir: Path, *,
+               meta: dict[str, Any], resume: bool = False, initial: list[dict[str, str]] | None = None,
+               progress: bool = True) -> list[dict[str, Any]]:
+    """Run (or resume) a study; returns every finished trial record."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    units = space.units(model)
+    check_budget(space, units, model, config)
+    store = Store(run_dir)
+    store.write_meta(meta, space, resume)
+    sampler = make_sampler(config.backend, config.seed)
+    study = optuna.create_study(study_name="mixq", storage=store.storage_url(), sampler=sampler,
+                                direction="minimize", load_if_exists=resume)
+    dists = {u.name: CategoricalDistribution(list(space.choices)) for u in units}
+    cache = WeightCache(model, [layer for u in units for layer in u.layers])
+    done = store.trials()
+    seen = {json.dumps(t["assignment"], sort_keys=True) for t in done}
+    rejected = sum(1 for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.FAIL)
+    fits = lambda a: config.budget_ok(*_size(space, units, a, model))  # noqa: E731
+    queue = [a for a in (initial or []) if json.dumps(a, sort_keys=True) not in seen and fits(a)]
+    best = min((t["ppl"] for t in done), default=math.inf)
+    bar = tqdm(total=config.trials, initial=len(done), desc="search", disable=not progress)
+    try:
+        while len(done) < config.trials:
+            t0 = time.perf_counter()
+            if queue:
+                assignment, source = queue.pop(0), "initial"
+            else:
+                trial = study.ask(dists)
+                assignment, source = {u.name: trial.params[u.name] for u in units}, config.backend
+                if not fits(assignment):
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    rejected += 1
+                    assignment, source = repair(space, units, assignment, fits), "repaired"
+            propose_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            cache.apply(units, assignment)
+            ppl = perplexity(model, score_windows, batch_size=config.batch_size).ppl
+            eval_s = time.perf_counter() - t1
+            bits, size = _size(space, units, assignment, model)
+            record = {"number": len(done), "assignment": assignment, "plan": space.plan(units, assignment).to_dict(),
+                      "ppl": ppl, "bits_per_weight": bits, "size_bytes": size, "source": source,
+                      "propose_seconds": propose_s, "eval_seconds": eval_s, "rejected_so_far": rejected}
+            store.append(record)  # the plain store first: it is what a resumed study counts
+            if source == config.backend:
+                study.tell(trial, ppl)
+            else:
+                study.add_trial(optuna.trial.create_trial(params=assignment, distributions=dists, value=ppl))
+            done.append(record)
+            best = min(best, ppl)
+            bar.set_postfix(best=f"{best:.3f}", bits=f"{bits:.3f}")
+            bar.update(1)
+    finally:
+        bar.close()
+        cache.restore()
+    return done
+
+
+__all__ = ["SearchConfig", "Store", "WeightCache", "repair", "run_search"]

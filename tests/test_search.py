@@ -1,0 +1,137 @@
+"""Search: every backend respects the budget, studies resume after a kill, spaces round-trip."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mixq.cli import main
+from mixq.errors import MixqError, PlanError
+from mixq.search import SearchConfig, SearchSpace, run_search
+from mixq.search.study import repair
+
+CHOICES = ("int2-g32", "int3-g32", "int4-g32", "int8")
+
+
+@pytest.fixture
+def score():
+    return torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _meta(space):
+    return {"model_sha256": "x", "space": space.to_dict(), "objective": "ppl", "max_bits": 4.0, "max_size": None,
+            "seqlen": 24, "limit": 2}
+
+
+def test_space_round_trip(tmp_path):
+    space = SearchSpace.from_dict({"granularity": "layer", "choices": list(CHOICES), "solver": "rtn",
+                                   "fixed": [{"match": "re:.*down_proj", "format": "int8"}], "include": []})
+    assert SearchSpace.from_dict(space.to_dict()) == space
+    (tmp_path / "s.yaml").write_text(json.dumps(space.to_dict()))
+    assert SearchSpace.load(tmp_path / "s.yaml") == space
+
+
+@pytest.mark.parametrize("granularity,count", [("layer", 2 * 4), ("block", 2), ("shared", 4), ("model", 1)])
+def test_units_and_tied_layers(model, granularity, count):
+    space = SearchSpace(choices=CHOICES, granularity=granularity, fixed=())
+    units = space.units(model)
+    assert len(units) == count
+    for u in units:  # q/k/v and gate/up never split across units
+        for tied in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            blocks = {n.rsplit(".", 1)[0] for n in u.layers if n.rsplit(".", 1)[-1] in tied}
+            for b in blocks:
+                assert all(f"{b}.{t}" in u.layers for t in tied)
+
+
+@pytest.mark.parametrize("backend", ["random", "tpe", "nsga2", "nsga3", "qmc", "gp"])
+def test_every_backend_respects_the_budget(model, score, tmp_path, backend):
+    space = SearchSpace(choices=CHOICES, granularity="layer")
+    config = SearchConfig(backend=backend, trials=6, max_bits=4.0, seed=1)
+    trials = run_search(model, space, score, config, tmp_path / backend, meta=_meta(space), progress=False)
+    assert len(trials) == 6
+    for t in trials:
+        assert t["bits_per_weight"] <= 4.0
+        for tied in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):  # tied layers share a spec
+            for b in range(2):
+                fmts = {r["format"] for r in t["plan"]["rules"] if r["match"].rsplit(".", 1)[-1] in tied
+                        and r["match"].startswith(f"model.layers.{b}.")}
+                assert len(fmts) == 1
+    lines = (tmp_path / backend / "trials.jsonl").read_text().splitlines()
+    assert [json.loads(x)["number"] for x in lines] == list(range(6))
+
+
+def test_repair_fits_and_infeasible_budget(model, score, tmp_path):
+    space = SearchSpace(choices=CHOICES, granularity="block")
+    units = space.units(model)
+    a = repair(space, units, {u.name: "int8" for u in units}, lambda x: "int8" not in x.values())
+    assert "int8" not in a.values()
+    with pytest.raises(PlanError, match="above --max-bits 2.0"):
+        run_search(model, space, score, SearchConfig(trials=2, max_bits=2.0), tmp_path / "x", meta=_meta(space), progress=False)
+
+
+def test_resume_refuses_another_space(model, score, tmp_path):
+    space = SearchSpace(choices=CHOICES, granularity="block")
+    run_search(model, space, score, SearchConfig(trials=2, max_bits=4.0), tmp_path / "r", meta=_meta(space), progress=False)
+    with pytest.raises(MixqError, match="already holds a study"):
+        run_search(model, space, score, SearchConfig(trials=3, max_bits=4.0), tmp_path / "r", meta=_meta(space), progress=False)
+    other = SearchSpace(choices=CHOICES[:3], granularity="block")
+    with pytest.raises(MixqError, match="another space"):
+        run_search(model, other, score, SearchConfig(trials=3, max_bits=4.0), tmp_path / "r", meta=_meta(other),
+                   resume=True, progress=False)
+    more = run_search(model, space, score, SearchConfig(trials=4, max_bits=4.0), tmp_path / "r", meta=_meta(space),
+                      resume=True, progress=False)
+    assert [t["number"] for t in more] == [0, 1, 2, 3]
+
+
+def _search_argv(tiny_dir, data_dir, run_dir, trials):
+    space = run_dir.parent / "space.yaml"
+    space.write_text(json.dumps({"granularity": "layer", "choices": list(CHOICES)}))
+    return ["search", "--model", str(tiny_dir), "--data-dir", str(data_dir), "--max-bits", "4.5", "--backend", "tpe",
+            "--space", str(space),
+            "--trials", str(trials), "--run-dir", str(run_dir), "--seqlen", "32", "--limit", "2", "--final-limit", "2",
+            "--device", "cpu", "--json"]
+
+
+def test_killed_search_resumes(tiny_dir, data_dir, tmp_path):
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mixq.cli", *_search_argv(tiny_dir, data_dir, run_dir, 100000)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    trials = run_dir / "trials.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not trials.exists() or len(trials.read_text().splitlines()) < 3):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = [json.loads(x) for x in trials.read_text().splitlines() if x.strip().endswith("}")]
+    assert len(before) >= 3
+    total = len(before) + 4
+    code = main(_search_argv(tiny_dir, data_dir, run_dir, total) + ["--resume"])
+    assert code == 0
+    after = [json.loads(x) for x in trials.read_text().splitlines() if x.strip()]
+    assert [t["number"] for t in after] == list(range(total))  # all trials of both parts, none duplicated
+    assert after[: len(before)] == before
+    assert all(t["bits_per_weight"] <= 4.5 for t in after)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [r["label"] for r in report["rows"]][-1] == "best searched plan"
+    assert (run_dir / "pareto.png").stat().st_size > 1000 and (run_dir / "bits.png").is_file()
+
+
+def test_search_cli_errors(capsys, tiny_dir, data_dir, tmp_path):
+    argv = _search_argv(tiny_dir, data_dir, tmp_path / "e", 3)
+    assert main([*argv[:-1], "--backend", "magic"]) == 2
+    assert "unknown backend 'magic'" in capsys.readouterr().err
+    i = argv.index("--max-bits")
+    assert main(argv[:i] + ["--max-bits", "1.5"] + argv[i + 2 :]) == 2
+    assert "infeasible budget" in capsys.readouterr().err
+    assert main(argv[:i] + argv[i + 2 :]) == 2
+    assert "give a budget" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nothing")]) == 2
