@@ -15,7 +15,8 @@ import torch
 from mixq.cli import main
 from mixq.errors import MixqError, PlanError
 from mixq.search import SearchConfig, SearchSpace, run_search
-from mixq.search.study import repair
+from mixq.plan import LayerSpec
+from mixq.search.study import SizeModel, repair
 
 CHOICES = ("int2-g32", "int3-g32", "int4-g32", "int8")
 
@@ -50,7 +51,7 @@ def test_units_and_tied_layers(model, granularity, count):
                 assert all(f"{b}.{t}" in u.layers for t in tied)
 
 
-@pytest.mark.parametrize("backend", ["random", "tpe", "nsga2", "nsga3", "qmc", "gp"])
+@pytest.mark.parametrize("backend", ["random", "tpe", "nsga2", "nsga3", "qmc", "gp", "evo"])
 def test_every_backend_respects_the_budget(model, score, tmp_path, backend):
     space = SearchSpace(choices=CHOICES, granularity="layer")
     config = SearchConfig(backend=backend, trials=6, max_bits=4.0, seed=1)
@@ -67,11 +68,26 @@ def test_every_backend_respects_the_budget(model, score, tmp_path, backend):
     assert [json.loads(x)["number"] for x in lines] == list(range(6))
 
 
-def test_repair_fits_and_infeasible_budget(model, score, tmp_path):
+def test_size_model_is_exact(model):
+    import random
+
+    space = SearchSpace(choices=CHOICES, granularity="layer", fixed=(("re:.*down_proj", LayerSpec.of("int8")),))
+    units = space.units(model)
+    size = SizeModel(space, units, model)
+    rng = random.Random(0)
+    for _ in range(10):
+        a = {u.name: rng.choice(CHOICES) for u in units}
+        rep = space.plan(units, a).size_report(model)
+        assert size(a) == (rep.bits_per_weight, rep.size_bytes)
+
+
+def test_repair_fits_then_fills_and_infeasible_budget(model, score, tmp_path):
     space = SearchSpace(choices=CHOICES, granularity="block")
     units = space.units(model)
     a = repair(space, units, {u.name: "int8" for u in units}, lambda x: "int8" not in x.values())
-    assert "int8" not in a.values()
+    assert set(a.values()) == {"int4-g32"}  # stepped down from int8, then as high as the budget allows
+    b = repair(space, units, {u.name: "int2-g32" for u in units}, lambda x: list(x.values()).count("int8") <= 1)
+    assert sorted(b.values()) == ["int4-g32", "int8"]
     with pytest.raises(PlanError, match="above --max-bits 2.0"):
         run_search(model, space, score, SearchConfig(trials=2, max_bits=2.0), tmp_path / "x", meta=_meta(space), progress=False)
 

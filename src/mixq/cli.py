@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--objective", default="ppl", choices=["ppl"], help="what the search minimises (perplexity on validation windows)")
     se.add_argument("--max-size", default=None, help="model size budget, e.g. 100MB, 95MiB, 1.5GB or bytes")
     se.add_argument("--max-bits", type=float, default=None, help="average bits per quantized weight budget")
-    se.add_argument("--backend", default="tpe", help="tpe, nsga2, nsga3, qmc, random, gp (ax: not yet)")
+    se.add_argument("--backend", default="tpe", help="tpe, nsga2, nsga3, qmc, random, gp, or evo (local search from the best trials); ax: not yet")
     se.add_argument("--trials", type=int, default=100)
     se.add_argument("--run-dir", required=True, help="where the study, trials and report are kept")
     se.add_argument("--resume", action="store_true", help="continue the study in --run-dir")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,8 @@ def _cost_order(space: SearchSpace, shape: tuple[int, int]) -> list[str]:
 
 
 def repair(space: SearchSpace, units: list[Unit], assignment: dict[str, str], fits) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    """Step the most expensive units down one choice at a time until ``fits(assignment)``."""
+    """Step the most expensive units down one choice at a time until ``fits(assignment)``,
+    then lift the cheapest ones while the plan still fits."""
     order = _cost_order(space, (4096, 4096))
     a = dict(assignment)
     while not fits(a):
@@ -88,26 +90,77 @@ def repair(space: SearchSpace, units: list[Unit], assignment: dict[str, str], fi
             raise PlanError("no plan of this space fits the budget")
         worst = max(candidates, key=lambda u: (order.index(a[u.name]), -units.index(u)))
         a[worst.name] = order[order.index(a[worst.name]) - 1]
+    # then spend what is left: lift the cheapest units one choice while the plan still fits
+    changed = True
+    while changed:
+        changed = False
+        for u in sorted(units, key=lambda u: order.index(a[u.name])):
+            i = order.index(a[u.name])
+            if i + 1 < len(order):
+                trial = {**a, u.name: order[i + 1]}
+                if fits(trial):
+                    a, changed = trial, True
     return a
 
 
-def _size(space: SearchSpace, units: list[Unit], assignment: dict[str, str], model: nn.Module) -> tuple[float, int]:
-    rep = space.plan(units, assignment).size_report(model)
-    return rep.bits_per_weight, rep.size_bytes
+class SizeModel:
+    """Exact bits/weight and bytes of any assignment, by summing per-(layer, choice) bits
+    computed once (the same counts as ``Plan.size_report``, without building a plan)."""
+
+    def __init__(self, space: SearchSpace, units: list[Unit], model: nn.Module) -> None:
+        from mixq.solvers import get_solver
+
+        first = {u.name: space.choices[0] for u in units}
+        rep = space.plan(units, first).size_report(model)
+        solver = get_solver(space.solver)
+        opts = solver.options({})
+        self.units = units
+        self.bits: dict[tuple[str, str], int] = {}
+        for u in units:
+            for c in space.choices:
+                fmt = parse_format(c)
+                total = 0
+                for layer in u.layers:
+                    shape = tuple(model.get_submodule(layer).weight.shape)
+                    total += fmt.storage_bits(shape) + solver.extra_bits(opts, shape)
+                self.bits[(u.name, c)] = total
+        searched = sum(self.bits[(u.name, first[u.name])] for u in units)
+        self.fixed_bits = rep.quantized_bits - searched  # pinned layers
+        self.other_bits = rep.other_bits
+        self.weights = rep.quantized_weights
+
+    def __call__(self, assignment: dict[str, str]) -> tuple[float, int]:
+        q = self.fixed_bits + sum(self.bits[(u.name, assignment[u.name])] for u in self.units)
+        return q / self.weights, math.ceil((q + self.other_bits) / 8)
 
 
-def check_budget(space: SearchSpace, units: list[Unit], model: nn.Module, config: SearchConfig) -> None:
+def mutate(space: SearchSpace, units: list[Unit], parent: dict[str, str], fits, rng: random.Random,  # type: ignore[no-untyped-def]
+           moves: int = 2) -> dict[str, str]:
+    """A local step (as EvoPress's search): ``moves`` random units one choice up, as many one
+    choice down (in cost order), then repaired to fit the budget."""
+    order = _cost_order(space, (4096, 4096))
+    a = dict(parent)
+    for _ in range(moves):
+        up, down = rng.sample(units, 2) if len(units) > 1 else (units[0], units[0])
+        i = order.index(a[up.name])
+        a[up.name] = order[min(i + 1, len(order) - 1)]
+        j = order.index(a[down.name])
+        a[down.name] = order[max(j - 1, 0)]
+    return a if fits(a) else repair(space, units, a, fits)
+
+
+def check_budget(space: SearchSpace, units: list[Unit], size: SizeModel, config: SearchConfig) -> None:
     """Refuse a budget that no plan of the space meets, saying by how much."""
     if config.max_bits is not None and not 0 < config.max_bits <= 16:
         raise PlanError(f"--max-bits must be in (0, 16], got {config.max_bits}")
     cheapest = _cost_order(space, (4096, 4096))[0]
-    bits, size = _size(space, units, {u.name: cheapest for u in units}, model)
+    bits, nbytes = size({u.name: cheapest for u in units})
     if config.max_bits is not None and bits > config.max_bits:
         raise PlanError(f"infeasible budget: the smallest plan of this space averages {bits:.4f} bits/weight, "
                         f"{bits - config.max_bits:.4f} above --max-bits {config.max_bits}")
-    if config.max_size is not None and size > config.max_size:
-        raise PlanError(f"infeasible budget: the smallest plan of this space takes {size:,} bytes, "
-                        f"{size - config.max_size:,} more than --max-size {config.max_size:,}")
+    if config.max_size is not None and nbytes > config.max_size:
+        raise PlanError(f"infeasible budget: the smallest plan of this space takes {nbytes:,} bytes, "
+                        f"{nbytes - config.max_size:,} more than --max-size {config.max_size:,}")
 
 
 class Store:
@@ -164,7 +217,8 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     units = space.units(model)
-    check_budget(space, units, model, config)
+    size = SizeModel(space, units, model)
+    check_budget(space, units, size, config)
     store = Store(run_dir)
     store.write_meta(meta, space, resume)
     sampler = make_sampler(config.backend, config.seed)
@@ -175,7 +229,8 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
     done = store.trials()
     seen = {json.dumps(t["assignment"], sort_keys=True) for t in done}
     rejected = sum(1 for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.FAIL)
-    fits = lambda a: config.budget_ok(*_size(space, units, a, model))  # noqa: E731
+    fits = lambda a: config.budget_ok(*size(a))  # noqa: E731
+    rng = random.Random(config.seed + len(done))
     queue = [a for a in (initial or []) if json.dumps(a, sort_keys=True) not in seen and fits(a)]
     best = min((t["ppl"] for t in done), default=math.inf)
     bar = tqdm(total=config.trials, initial=len(done), desc="search", disable=not progress)
@@ -184,6 +239,9 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
             t0 = time.perf_counter()
             if queue:
                 assignment, source = queue.pop(0), "initial"
+            elif config.backend == "evo" and done:
+                parent = min(rng.sample(done, min(3, len(done))), key=lambda t: t["ppl"])  # tournament of 3
+                assignment, source = mutate(space, units, parent["assignment"], fits, rng), "evo"
             else:
                 trial = study.ask(dists)
                 assignment, source = {u.name: trial.params[u.name] for u in units}, config.backend
@@ -196,12 +254,12 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
             cache.apply(units, assignment)
             ppl = perplexity(model, score_windows, batch_size=config.batch_size).ppl
             eval_s = time.perf_counter() - t1
-            bits, size = _size(space, units, assignment, model)
+            bits, nbytes = size(assignment)
             record = {"number": len(done), "assignment": assignment, "plan": space.plan(units, assignment).to_dict(),
-                      "ppl": ppl, "bits_per_weight": bits, "size_bytes": size, "source": source,
+                      "ppl": ppl, "bits_per_weight": bits, "size_bytes": nbytes, "source": source,
                       "propose_seconds": propose_s, "eval_seconds": eval_s, "rejected_so_far": rejected}
             store.append(record)  # the plain store first: it is what a resumed study counts
-            if source == config.backend:
+            if source == config.backend and config.backend != "evo":
                 study.tell(trial, ppl)
             else:
                 study.add_trial(optuna.trial.create_trial(params=assignment, distributions=dists, value=ppl))
