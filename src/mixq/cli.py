@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--resume", action="store_true", help="continue the study in --run-dir")
     se.add_argument("--final-limit", type=int, default=None, help="test windows for the final table (default: all)")
     _shared(se)
+
+    sn = sub.add_parser("sensitivity", help="per-layer Hessian trace, Fisher trace (FIT) and measured KL")
+    sn.add_argument("--method", default="fit", help="comma-separated: hessian, fit, measured")
+    sn.add_argument("--formats", default="int4-g128,int3-g128", help="formats for FIT scores and measured KL")
+    sn.add_argument("--out", required=True, help="sens.json (a .csv and a .png are written beside it)")
+    sn.add_argument("--max-iter", type=int, default=100, help="Hutchinson probes at most")
+    sn.add_argument("--tol", type=float, default=1e-2, help="stop once every stderr < tol x |trace|")
+    sn.add_argument("--per-layer", action="store_true", help="Hutchinson one layer at a time (less memory)")
+    _shared(sn)
+
+    al = sub.add_parser("allocate", help="a plan from sensitivity scores and a budget")
+    al.add_argument("--sens", required=True)
+    al.add_argument("--max-bits", type=float, default=None)
+    al.add_argument("--max-size", default=None)
+    al.add_argument("--out", required=True, help="plan file (.yaml or .json)")
+    al.add_argument("--starts", type=int, default=1, help="also write N-1 randomised variants (OUT-1.yaml, ...)")
+    al.add_argument("--seed", type=int, default=0)
 
     r = sub.add_parser("report", help="re-render the report of a search run directory")
     r.add_argument("run_dir")
@@ -429,6 +448,137 @@ def provenance_record(args: argparse.Namespace, identity: dict[str, str], device
     return provenance(model=identity, seed=args.seed, device=device, command=args.command_line)
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from mixq.data import calibration_windows, load_text, tokenize
+    from mixq.formats import parse_format
+    from mixq.models import load_model, quantizable_layers
+    from mixq.plan import Plan
+    from mixq.sensitivity import analysis
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in analysis.METHODS]
+    if unknown or not methods:
+        raise MixqError(f"unknown sensitivity method {', '.join(unknown) or '(none)'} (one of {', '.join(analysis.METHODS)})")
+    formats = [parse_format(f).name for f in args.formats.split(",") if f.strip()]
+    device, dtype, batch = _setup(args)
+    if "hessian" in methods and dtype == "float16":
+        dtype = "float32"  # second derivatives in fp16 overflow; the trace is taken in fp32
+    _log(args, f"loading {args.model} ({dtype}, {device}, eager attention)")
+    loaded = load_model(args.model, dtype=dtype, device=device, attn_implementation="eager")
+    model = loaded.model
+    layers = list(quantizable_layers(model))
+    if not layers:
+        raise MixqError("the model has no quantizable Linear layer")
+    ids = tokenize(loaded.tokenizer, load_text(args.calib_dataset, args.calib_split, root=args.data_dir))
+    win = calibration_windows(ids, args.nsamples, args.seqlen, seed=args.seed)
+    out = Path(args.out)
+    meta = {"model": args.model, "sha256": loaded.identity()["sha256"], "nsamples": args.nsamples, "seqlen": args.seqlen,
+            "seed": args.seed, "formats": formats}
+    sens: dict[str, Any] = {}
+    if out.is_file():  # resume: keep what a previous run with the same settings finished
+        old = json.loads(out.read_text())
+        if old.get("meta") == meta:
+            sens = old
+            _log(args, f"resuming {out}: {', '.join(old.get('methods_done', []))} already done")
+    if not sens:
+        rep = Plan().size_report(model)
+        sens = {"meta": meta, "methods_done": [], "layers": analysis.geometry(model, layers, formats),
+                "other_bits": rep.other_bits - sum(model.get_submodule(n).weight.numel() * 16 for n in layers),
+                "provenance": provenance_record(args, loaded.identity(), device)}
+    timings = sens.setdefault("seconds", {})
+    for m in methods:
+        if m in sens["methods_done"]:
+            continue
+        start = time.perf_counter()
+        if m == "hessian":
+            res = analysis.hessian(model, win, layers, max_iter=args.max_iter, tol=args.tol, per_layer=args.per_layer,
+                                   batch_size=batch, seed=args.seed)
+        elif m == "fit":
+            res = analysis.fisher(model, win, layers)
+            for n, d in res.items():
+                d["score"] = {f: d["per_param"] * sens["layers"][n]["noise"][f] for f in formats}
+        else:
+            res = analysis.measured(model, win, layers, formats, batch_size=batch)
+        timings[m] = time.perf_counter() - start
+        for n, d in res.items():
+            sens["layers"][n][m] = d
+        sens["methods_done"].append(m)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(sens, indent=2))  # partial results survive a later failure
+        _log(args, f"{m}: {timings[m]:.1f} s")
+    _sensitivity_outputs(args, sens, out, formats)
+    return 0
+
+
+def _primary(d: dict[str, Any], m: str, f: str) -> float:
+    return d[m]["per_param"] if m in ("hessian", "fit") else d[m][f]
+
+
+def _sensitivity_outputs(args: argparse.Namespace, sens: dict[str, Any], out: Path, formats: list[str]) -> None:
+    from mixq.sensitivity.analysis import spearman
+
+    methods, layers = sens["methods_done"], sens["layers"]
+    f0 = formats[0]
+    lines = ["layer,params," + ",".join(f"{m}" if m != "measured" else f"measured_kl_{f}" for m in methods for f in ([f0] if m != "measured" else formats))]
+    for n, d in layers.items():
+        cells = [n, str(d["params"])]
+        for m in methods:
+            cells += [f"{_primary(d, m, f):.6g}" for f in ([f0] if m != "measured" else formats)]
+        lines.append(",".join(cells))
+    out.with_suffix(".csv").write_text("\n".join(lines) + "\n")
+    names = list(layers)
+    corr = {}
+    for i, a in enumerate(methods):
+        for b in methods[i + 1 :]:
+            corr[f"{a}~{b}"] = spearman([_primary(layers[n], a, f0) for n in names], [_primary(layers[n], b, f0) for n in names])
+    sens["spearman"] = corr
+    out.write_text(json.dumps(sens, indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        m = methods[0]
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+        fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.05), 3))
+        ax.bar(range(len(names)), [_primary(layers[n], m, f0) for n in names],
+               color=[f"C{kinds.index(n.rsplit('.', 1)[-1]) % 10}" for n in names])
+        ax.set_yscale("log")
+        ax.set_xlabel("layer (model order; colour = module type: " + ", ".join(kinds) + ")", fontsize=7)
+        ax.set_ylabel(m)
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"), dpi=120)
+        plt.close(fig)
+    except ImportError:
+        pass
+    if args.json:
+        print(json.dumps({"out": str(out), "methods": methods, "spearman": corr, "seconds": sens.get("seconds")}))
+    else:
+        print(f"wrote {out}, {out.with_suffix('.csv')}; methods {', '.join(methods)}")
+        for k, v in corr.items():
+            print(f"  Spearman {k}: {v:+.3f}")
+
+
+def cmd_allocate(args: argparse.Namespace) -> int:
+    from mixq.sensitivity.allocate import allocate, plan_of
+
+    path = Path(args.sens)
+    if not path.is_file():
+        raise MixqError(f"sensitivity file not found: {path}")
+    sens = json.loads(path.read_text())
+    max_size = None if args.max_size is None else parse_size(args.max_size)
+    out = Path(args.out)
+    for k in range(max(args.starts, 1)):
+        choice = allocate(sens, max_bits=args.max_bits, max_size=max_size, jitter=0.0 if k == 0 else 0.5, seed=args.seed + k)
+        target = out if k == 0 else out.with_name(f"{out.stem}-{k}{out.suffix}")
+        plan_of(choice).save(target)
+        params = sum(d["params"] for d in sens["layers"].values())
+        bits = sum(sens["layers"][n]["bits"][f] for n, f in choice.items())
+        print(f"{target}: {bits / params:.4f} bits/weight, {math.ceil((bits + sens['other_bits']) / 8):,} bytes")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from mixq.search.report import write_report
     from mixq.search.study import Store
@@ -448,7 +598,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"formats": cmd_formats, "quantize": cmd_quantize, "eval": cmd_eval, "search": cmd_search, "report": cmd_report}
+COMMANDS = {"formats": cmd_formats, "quantize": cmd_quantize, "eval": cmd_eval, "search": cmd_search,
+            "report": cmd_report, "sensitivity": cmd_sensitivity, "allocate": cmd_allocate}
 
 
 def main(argv: list[str] | None = None) -> int:

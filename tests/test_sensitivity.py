@@ -1,0 +1,84 @@
+"""Trace estimators against exact values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixq.sensitivity import fisher_trace, hutchinson_trace, shifted_nll
+
+
+def test_shifted_loss_equals_model_loss(model):
+    batch = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert float(shifted_nll(model, batch)) == pytest.approx(float(model(batch, labels=batch).loss), rel=1e-6)
+
+
+def test_hutchinson_converges_to_the_exact_trace():
+    torch.manual_seed(0)
+    a = torch.randn(12, 12)
+    h1 = a @ a.T + torch.eye(12)  # known Hessians of a quadratic loss
+    h2 = torch.diag(torch.arange(1.0, 9.0))
+    p1 = torch.zeros(12, requires_grad=True)
+    p2 = torch.zeros(8, requires_grad=True)
+
+    def loss(_sample):
+        return 0.5 * (p1 @ h1 @ p1) + 0.5 * (p2 @ h2 @ p2) + (p1[:8] * p2).sum()  # a coupling block
+
+    for per_layer in (False, True):
+        est = hutchinson_trace(loss, {"a": p1, "b": p2}, [None], max_iter=3000, tol=0.0, per_layer=per_layer)
+        assert est["a"].trace == pytest.approx(float(torch.trace(h1)), rel=0.05)
+        assert est["b"].trace == pytest.approx(36.0, rel=0.05)
+        assert est["a"].stderr < 0.05 * est["a"].trace
+    stopped = hutchinson_trace(loss, {"b": p2}, [None], max_iter=1000, tol=0.05)
+    assert stopped["b"].iterations < 1000 and stopped["b"].trace == pytest.approx(36.0, rel=0.2)
+
+
+def test_fisher_trace_of_a_linear_gaussian_model():
+    """y = w·x + ε, loss ½(y − w·x)²: the gradient is −ε x, so tr F = E[ε²] E[‖x‖²] = s² d."""
+    torch.manual_seed(0)
+    d, s, n = 6, 0.5, 20000
+    w_true = torch.randn(d)
+    xs = torch.randn(n, d)
+    ys = xs @ w_true + s * torch.randn(n)
+    w = w_true.clone().requires_grad_(True)
+    est = fisher_trace(lambda i: 0.5 * (ys[i] - xs[i] @ w) ** 2, {"w": w}, range(n))
+    assert est["w"].trace == pytest.approx(s * s * d, rel=0.05)
+    assert est["w"].per_param == pytest.approx(s * s, rel=0.05)
+
+
+def test_sensitivity_and_allocate_cli(capsys, tiny_dir, text_file, tmp_path):
+    import json
+
+    from mixq.cli import main
+    from mixq.plan import Plan
+
+    out = tmp_path / "sens.json"
+    argv = ["sensitivity", "--model", str(tiny_dir), "--method", "fit,measured,hessian", "--formats", "int4-g32,int2-g32",
+            "--calib-dataset", str(text_file), "--nsamples", "3", "--seqlen", "24", "--out", str(out), "--max-iter", "4",
+            "--device", "cpu", "--json"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    sens = json.loads(out.read_text())
+    assert printed["methods"] == ["fit", "measured", "hessian"] and set(printed["spearman"]) == {
+        "fit~measured", "fit~hessian", "measured~hessian"}
+    layer = sens["layers"]["model.layers.0.mlp.down_proj"]
+    assert layer["params"] == 64 * 96 and layer["bits"]["int4-g32"] == 64 * 96 * 4 + 64 * 3 * 20
+    assert layer["measured"]["int2-g32"] > layer["measured"]["int4-g32"] > 0
+    assert layer["fit"]["score"]["int2-g32"] > layer["fit"]["score"]["int4-g32"]
+    assert out.with_suffix(".csv").is_file() and out.with_suffix(".png").is_file()
+    assert main(argv) == 0  # resumed: every method already done
+    assert "already done" in capsys.readouterr().err
+
+    plan_path = tmp_path / "plan.yaml"
+    assert main(["allocate", "--sens", str(out), "--max-bits", "3.2", "--out", str(plan_path), "--starts", "2"]) == 0
+    plan = Plan.load(plan_path)
+    assert {s.format.name for _, s in plan.rules} == {"int4-g32", "int2-g32"}  # mixed, not uniform
+    from conftest import tiny_llama
+
+    assert plan.bits(tiny_llama()) <= 3.2 and (tmp_path / "plan-1.yaml").is_file()
+    assert main(["allocate", "--sens", str(out), "--max-bits", "2.0", "--out", str(plan_path)]) == 2
+    assert "infeasible budget" in capsys.readouterr().err
+    assert main(["allocate", "--sens", str(out), "--max-bits", "17", "--out", str(plan_path)]) == 2
+    assert main([*argv[:4], "curvature", *argv[5:]]) == 2
+    assert "unknown sensitivity method curvature" in capsys.readouterr().err
