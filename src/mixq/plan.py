@@ -103,7 +103,7 @@ class SizeReport:
         }
 
 
-def _matches(pattern: str, name: str) -> bool:
+def matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
     return pattern == name
@@ -234,14 +234,14 @@ class Plan:
         linears, extras = candidate_layers(model)
         names = list(linears) + [n for n in extras if n not in linears]
         for pattern in [m for m, _ in self.rules] + list(self.skip):
-            if not any(_matches(pattern, n) for n in names):
+            if not any(matches(pattern, n) for n in names):
                 raise PlanError(f"plan names no existing layer: {pattern!r} matches none of the {len(names)} layers")
         chosen: dict[int, tuple[str, LayerSpec]] = {}
         for name in names:
             module = linears.get(name) or extras[name]
-            if any(_matches(p, name) for p in self.skip):
+            if any(matches(p, name) for p in self.skip):
                 continue
-            spec = next((s for m, s in self.rules if _matches(m, name)), None)
+            spec = next((s for m, s in self.rules if matches(m, name)), None)
             if spec is None and name in linears:
                 spec = self.default
             if spec is None:

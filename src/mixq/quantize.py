@@ -33,7 +33,6 @@ class QuantizedLayer:
 class QuantizeResult:
     layers: dict[str, QuantizedLayer]
     seconds: float
-    calibrated: bool = False
 
     def report(self) -> list[dict[str, Any]]:
         """Per layer: format, solver, relative reconstruction error against RTN's."""
@@ -81,4 +80,4 @@ def quantize_(model: nn.Module, plan: Plan, *, calibration: Tensor | None = None
         weight.data.copy_(result.weight.to(weight.dtype))
         out[name] = QuantizedLayer(spec, result.qtensor, seconds=time.perf_counter() - t, outliers=result.outliers)
     order = list(specs)
-    return QuantizeResult({n: out[n] for n in order}, time.perf_counter() - start, calibration is not None)
+    return QuantizeResult({n: out[n] for n in order}, time.perf_counter() - start)

@@ -24,7 +24,7 @@ from torch import nn
 
 from mixq.errors import PlanError
 from mixq.formats import parse_format
-from mixq.plan import LayerSpec, Plan, _matches
+from mixq.plan import LayerSpec, Plan, matches
 
 GRANULARITIES = ("layer", "block", "shared", "model")
 DEFAULT_CHOICES = ("int2-g64", "int3-g128", "int3-g64", "int3-g32", "int4-g128", "int4-g32", "int5-g128", "int6-g128", "int8")
@@ -93,8 +93,8 @@ class SearchSpace:
 
         prefix, blocks = transformer_blocks(model)
         names = [n for n in quantizable_layers(model)
-                 if not any(_matches(m, n) for m, _ in self.fixed)
-                 and (not self.include or any(_matches(p, n) for p in self.include))]
+                 if not any(matches(m, n) for m, _ in self.fixed)
+                 and (not self.include or any(matches(p, n) for p in self.include))]
         if not names:
             raise PlanError("the search space holds no layer (check include/fixed)")
         units: dict[str, list[str]] = {}
