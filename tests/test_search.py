@@ -151,3 +151,25 @@ def test_search_cli_errors(capsys, tiny_dir, data_dir, tmp_path):
     assert main(argv[:i] + argv[i + 2 :]) == 2
     assert "give a budget" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_guided_and_user_starts(capsys, tiny_dir, data_dir, text_file, tmp_path):
+    sens = tmp_path / "sens.json"
+    assert main(["sensitivity", "--model", str(tiny_dir), "--method", "fit", "--formats", ",".join(CHOICES),
+                 "--calib-dataset", str(text_file), "--nsamples", "2", "--seqlen", "24", "--out", str(sens),
+                 "--device", "cpu", "--json"]) == 0
+    plan = tmp_path / "user.yaml"
+    plan.write_text("default: int3-g32\n")
+    run_dir = tmp_path / "guided"
+    argv = _search_argv(tiny_dir, data_dir, run_dir, 9) + ["--sens", str(sens), "--starts", "2", "--initial", str(plan)]
+    assert main(argv) == 0
+    trials = [json.loads(x) for x in (run_dir / "trials.jsonl").read_text().splitlines()]
+    initial = [t for t in trials if t["source"] == "initial"]
+    assert len(initial) >= 5  # the uniform plans that fit, the user plan, the guided starts
+    assert any(set(t["assignment"].values()) == {"int3-g32"} for t in initial)
+    assert any(len(set(t["assignment"].values())) > 1 for t in initial)  # a mixed, sensitivity-guided start
+    assert all(t["bits_per_weight"] <= 4.5 for t in trials)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("default: nf4-g32\n")
+    assert main(_search_argv(tiny_dir, data_dir, tmp_path / "bad", 3) + ["--initial", str(bad)]) == 2
+    assert "not a choice of the space" in capsys.readouterr().err

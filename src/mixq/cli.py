@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--run-dir", required=True, help="where the study, trials and report are kept")
     se.add_argument("--resume", action="store_true", help="continue the study in --run-dir")
     se.add_argument("--final-limit", type=int, default=None, help="test windows for the final table (default: all)")
+    se.add_argument("--initial", action="append", default=[], metavar="PLAN", help="a plan to evaluate first (repeatable)")
+    se.add_argument("--sens", default=None, help="sensitivity file (mixq sensitivity): guided starts from it")
+    se.add_argument("--starts", type=int, default=4, help="with --sens: how many guided starts (default 4)")
     _shared(se)
 
     sn = sub.add_parser("sensitivity", help="per-layer Hessian trace, Fisher trace (FIT) and measured KL")
@@ -381,6 +384,17 @@ def cmd_search(args: argparse.Namespace) -> int:
             "backend": args.backend, "trials": args.trials, "seed": args.seed, "command": args.command_line}
     units = space.units(model)
     initial = [{u.name: c for u in units} for c in space.choices]  # uniform baselines first
+    initial += [space.assignment_of(units, Plan.parse(p), model) for p in args.initial]
+    if args.sens:
+        from mixq.sensitivity.allocate import allocate, plan_of
+
+        if not Path(args.sens).is_file():
+            raise MixqError(f"sensitivity file not found: {args.sens}")
+        sens = json.loads(Path(args.sens).read_text())
+        for k in range(args.starts):  # the greedy allocation, then randomised variants
+            choice = allocate(sens, max_bits=config.max_bits, max_size=config.max_size, jitter=0.0 if k == 0 else 0.5,
+                              seed=args.seed + k, formats=space.choices)
+            initial.append(space.assignment_of(units, plan_of(choice), model))
     run_dir = Path(args.run_dir)
     trials = run_search(model, space, score, config, run_dir, meta=meta, resume=args.resume, initial=initial,
                         progress=not args.json)

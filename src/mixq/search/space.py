@@ -120,6 +120,21 @@ class SearchSpace:
             units.setdefault(key, []).append(n)
         return [Unit(k, tuple(v)) for k, v in units.items()]
 
+    def assignment_of(self, units: list[Unit], plan: Plan, model: nn.Module) -> dict[str, str]:
+        """A plan projected onto the units: each unit takes its layers' most common format
+        (ties: the larger one), which must be one of the choices."""
+        specs = plan.resolve(model)
+        out = {}
+        for u in units:
+            fmts = [specs[n].format.name for n in u.layers if n in specs]
+            if not fmts:
+                raise PlanError(f"initial plan leaves {u.name!r} unquantized; the search needs a choice for it")
+            pick = max(set(fmts), key=lambda f: (fmts.count(f), parse_format(f).bits_per_weight((4096, 4096))))
+            if pick not in self.choices:
+                raise PlanError(f"initial plan gives {u.name!r} {pick}, not a choice of the space ({', '.join(self.choices)})")
+            out[u.name] = pick
+        return out
+
     def plan(self, units: list[Unit], assignment: dict[str, str]) -> Plan:
         """The plan that gives every layer of each unit the unit's choice."""
         rules = list(self.fixed)

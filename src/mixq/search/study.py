@@ -231,7 +231,13 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
     rejected = sum(1 for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.FAIL)
     fits = lambda a: config.budget_ok(*size(a))  # noqa: E731
     rng = random.Random(config.seed + len(done))
-    queue = [a for a in (initial or []) if json.dumps(a, sort_keys=True) not in seen and fits(a)]
+    queue = []  # initial trials (uniform baselines, user plans, sensitivity starts), repaired if over budget
+    for a in initial or []:
+        a = a if fits(a) else repair(space, units, a, fits)
+        key = json.dumps(a, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            queue.append(a)
     best = min((t["ppl"] for t in done), default=math.inf)
     bar = tqdm(total=config.trials, initial=len(done), desc="search", disable=not progress)
     try:

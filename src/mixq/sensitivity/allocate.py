@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from typing import Any
 
 from mixq.errors import MixqError
@@ -29,10 +30,11 @@ def layer_costs(sens: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def allocate(sens: dict[str, Any], *, max_bits: float | None = None, max_size: int | None = None,
-             jitter: float = 0.0, seed: int = 0) -> dict[str, str]:
+             jitter: float = 0.0, seed: int = 0, formats: Sequence[str] | None = None) -> dict[str, str]:
     """Greedy: every layer starts at its cheapest format; the upgrade with the largest drop
     in predicted damage per added bit is taken while the budget holds.  ``jitter`` > 0
-    multiplies each layer's costs by a random factor exp(N(0, jitter)) (diverse starts)."""
+    multiplies each layer's costs by a random factor exp(N(0, jitter)) (diverse starts).
+    ``formats`` restricts the choices to those (and the file's) formats."""
     if max_bits is None and max_size is None:
         raise MixqError("give a budget: --max-bits or --max-size")
     if max_bits is not None and not 0 < max_bits <= 16:
@@ -45,7 +47,12 @@ def allocate(sens: dict[str, Any], *, max_bits: float | None = None, max_size: i
     if jitter > 0:
         costs = {n: {f: c * math.exp(rng.gauss(0, jitter)) for f, c in fc.items()} for n, fc in costs.items()}
     params = sum(d["params"] for d in layers.values())
-    ladders = {n: sorted(d["bits"], key=lambda f: d["bits"][f]) for n, d in layers.items()}
+    allowed = set(formats) if formats is not None else None
+    ladders = {n: sorted((f for f in d["bits"] if allowed is None or f in allowed), key=lambda f: d["bits"][f])
+               for n, d in layers.items()}
+    if any(not ladder for ladder in ladders.values()):
+        raise MixqError(f"no format of the sensitivity file ({', '.join(next(iter(layers.values()))['bits'])}) "
+                        f"is among {', '.join(sorted(allowed or []))}")
     choice = {n: ladder[0] for n, ladder in ladders.items()}
     bits = sum(layers[n]["bits"][choice[n]] for n in layers)
 
