@@ -51,7 +51,7 @@ def test_units_and_tied_layers(model, granularity, count):
                 assert all(f"{b}.{t}" in u.layers for t in tied)
 
 
-@pytest.mark.parametrize("backend", ["random", "tpe", "nsga2", "nsga3", "qmc", "gp", "evo"])
+@pytest.mark.parametrize("backend", ["random", "tpe", "nsga2", "nsga3", "qmc", "gp", "evo", "ax"])
 def test_every_backend_respects_the_budget(model, score, tmp_path, backend):
     space = SearchSpace(choices=CHOICES, granularity="layer")
     config = SearchConfig(backend=backend, trials=6, max_bits=4.0, seed=1)
@@ -173,3 +173,14 @@ def test_guided_and_user_starts(capsys, tiny_dir, data_dir, text_file, tmp_path)
     bad.write_text("default: nf4-g32\n")
     assert main(_search_argv(tiny_dir, data_dir, tmp_path / "bad", 3) + ["--initial", str(bad)]) == 2
     assert "not a choice of the space" in capsys.readouterr().err
+
+
+def test_ax_study_resumes_from_its_jsonl(model, score, tmp_path):
+    space = SearchSpace(choices=CHOICES, granularity="block")
+    first = run_search(model, space, score, SearchConfig(backend="ax", trials=5, max_bits=4.0), tmp_path / "ax",
+                       meta=_meta(space), progress=False)
+    assert any(t["source"] in ("ax", "repaired") for t in first)
+    more = run_search(model, space, score, SearchConfig(backend="ax", trials=7, max_bits=4.0), tmp_path / "ax",
+                      meta=_meta(space), resume=True, progress=False)
+    assert [t["number"] for t in more] == list(range(7)) and more[:5] == first
+    assert all(t["bits_per_weight"] <= 4.0 for t in more)

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--objective", default="ppl", choices=["ppl"], help="what the search minimises (perplexity on validation windows)")
     se.add_argument("--max-size", default=None, help="model size budget, e.g. 100MB, 95MiB, 1.5GB or bytes")
     se.add_argument("--max-bits", type=float, default=None, help="average bits per quantized weight budget")
-    se.add_argument("--backend", default="tpe", help="tpe, nsga2, nsga3, qmc, random, gp, or evo (local search from the best trials); ax: not yet")
+    se.add_argument("--backend", default="tpe", help="tpe, nsga2, nsga3, qmc, random, gp (Optuna), ax (Bayesian optimisation), evo (local search)")
     se.add_argument("--trials", type=int, default=100)
     se.add_argument("--run-dir", required=True, help="where the study, trials and report are kept")
     se.add_argument("--resume", action="store_true", help="continue the study in --run-dir")
@@ -364,9 +364,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise MixqError("give a budget: --max-size or --max-bits")
     if args.trials < 1:
         raise MixqError(f"--trials must be positive, got {args.trials}")
-    from mixq.search.backends import make_sampler
+    from mixq.search.backends import check_backend
 
-    make_sampler(args.backend, args.seed)  # names a bad backend before loading anything
+    check_backend(args.backend)  # names a bad backend before loading anything
     space = SearchSpace.load(args.space) if args.space else SearchSpace()
     config = SearchConfig(backend=args.backend, trials=args.trials, max_bits=args.max_bits,
                           max_size=None if args.max_size is None else parse_size(args.max_size), seed=args.seed,

@@ -26,7 +26,7 @@ from mixq.errors import MixqError, PlanError
 from mixq.evaluate import perplexity
 from mixq.formats import parse_format
 from mixq.plan import Plan
-from mixq.search.backends import make_sampler
+from mixq.search.backends import check_backend, make_proposer
 from mixq.search.space import SearchSpace, Unit
 
 
@@ -212,25 +212,21 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
                meta: dict[str, Any], resume: bool = False, initial: list[dict[str, str]] | None = None,
                progress: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) a study; returns every finished trial record."""
-    import optuna
-    from optuna.distributions import CategoricalDistribution
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     units = space.units(model)
     size = SizeModel(space, units, model)
     check_budget(space, units, size, config)
+    check_backend(config.backend)
     store = Store(run_dir)
     store.write_meta(meta, space, resume)
-    sampler = make_sampler(config.backend, config.seed)
-    study = optuna.create_study(study_name="mixq", storage=store.storage_url(), sampler=sampler,
-                                direction="minimize", load_if_exists=resume)
-    dists = {u.name: CategoricalDistribution(list(space.choices)) for u in units}
-    cache = WeightCache(model, [layer for u in units for layer in u.layers])
     done = store.trials()
-    seen = {json.dumps(t["assignment"], sort_keys=True) for t in done}
-    rejected = sum(1 for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.FAIL)
     fits = lambda a: config.budget_ok(*size(a))  # noqa: E731
     rng = random.Random(config.seed + len(done))
+    proposer = make_proposer(config.backend, seed=config.seed, units=[u.name for u in units], choices=list(space.choices),
+                             storage=store.storage_url(), resume=resume, history=done,
+                             step=lambda parent: mutate(space, units, parent, fits, rng))
+    cache = WeightCache(model, [layer for u in units for layer in u.layers])
+    seen = {json.dumps(t["assignment"], sort_keys=True) for t in done}
+    rejected = done[-1]["rejected_so_far"] if done else 0
     queue = []  # initial trials (uniform baselines, user plans, sensitivity starts), repaired if over budget
     for a in initial or []:
         a = a if fits(a) else repair(space, units, a, fits)
@@ -243,18 +239,16 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
     try:
         while len(done) < config.trials:
             t0 = time.perf_counter()
+            handle = None
             if queue:
                 assignment, source = queue.pop(0), "initial"
-            elif config.backend == "evo" and done:
-                parent = min(rng.sample(done, min(3, len(done))), key=lambda t: t["ppl"])  # tournament of 3
-                assignment, source = mutate(space, units, parent["assignment"], fits, rng), "evo"
             else:
-                trial = study.ask(dists)
-                assignment, source = {u.name: trial.params[u.name] for u in units}, config.backend
+                assignment, handle = proposer.ask()
+                source = config.backend
                 if not fits(assignment):
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    proposer.reject(handle)
                     rejected += 1
-                    assignment, source = repair(space, units, assignment, fits), "repaired"
+                    assignment, source, handle = repair(space, units, assignment, fits), "repaired", None
             propose_s = time.perf_counter() - t0
             t1 = time.perf_counter()
             cache.apply(units, assignment)
@@ -265,10 +259,10 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
                       "ppl": ppl, "bits_per_weight": bits, "size_bytes": nbytes, "source": source,
                       "propose_seconds": propose_s, "eval_seconds": eval_s, "rejected_so_far": rejected}
             store.append(record)  # the plain store first: it is what a resumed study counts
-            if source == config.backend and config.backend != "evo":
-                study.tell(trial, ppl)
+            if handle is not None:
+                proposer.tell(handle, ppl)
             else:
-                study.add_trial(optuna.trial.create_trial(params=assignment, distributions=dists, value=ppl))
+                proposer.add(assignment, ppl)
             done.append(record)
             best = min(best, ppl)
             bar.set_postfix(best=f"{best:.3f}", bits=f"{bits:.3f}")
