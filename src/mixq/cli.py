@@ -1,15 +1,14 @@
-"""Command line: ``mixq formats``, ``mixq quantize``, ``mixq eval``."""
+"""Command line: ``mixq formats|quantize|eval|search|report|sensitivity|allocate`` (parsers and the
+shared helpers here; the search and sensitivity commands live beside their packages)."""
 
 from __future__ import annotations
 
 import argparse
 import copy
 import json
-import math
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +109,7 @@ def parse_size(text: str) -> int:
 
 
 # -- helpers -----------------------------------------------------------------------------
-def _setup(args: argparse.Namespace) -> tuple[str, str, int]:
+def setup_run(args: argparse.Namespace) -> tuple[str, str, int]:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -167,7 +166,7 @@ def _calibration(args: argparse.Namespace, tokenizer: Any, plans: list[Any]):  #
     if args.nsamples < 1:
         raise MixqError(f"--nsamples must be positive, got {args.nsamples}")
     ids = tokenize(tokenizer, load_text(args.calib_dataset, args.calib_split, root=args.data_dir))
-    _log(args, f"calibration: {args.nsamples} windows x {args.seqlen} tokens from {args.calib_dataset}/{args.calib_split} (seed {args.seed})")
+    say(args, f"calibration: {args.nsamples} windows x {args.seqlen} tokens from {args.calib_dataset}/{args.calib_split} (seed {args.seed})")
     return calibration_windows(ids, args.nsamples, args.seqlen, seed=args.seed)
 
 
@@ -203,7 +202,13 @@ def _write_report(args: argparse.Namespace, label: str, result: Any) -> None:
     Console().print(table)
 
 
-def _log(args: argparse.Namespace, msg: str) -> None:
+def provenance_record(args: argparse.Namespace, identity: dict[str, str], device: str) -> dict[str, Any]:
+    from mixq.provenance import provenance
+
+    return provenance(model=identity, seed=args.seed, device=device, command=args.command_line)
+
+
+def say(args: argparse.Namespace, msg: str) -> None:
     print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
 
 
@@ -233,10 +238,10 @@ def cmd_formats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace, device: str, dtype: str):  # type: ignore[no-untyped-def]
+def load_for(args: argparse.Namespace, device: str, dtype: str):  # type: ignore[no-untyped-def]
     from mixq.models import load_model
 
-    _log(args, f"loading {args.model} ({dtype}, {device})")
+    say(args, f"loading {args.model} ({dtype}, {device})")
     return load_model(args.model, dtype=dtype, device=device)
 
 
@@ -248,14 +253,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from mixq.provenance import provenance
     from mixq.quantize import quantize_
 
-    device, dtype, batch = _setup(args)
+    device, dtype, batch = setup_run(args)
     plan = Plan.parse(args.plan).with_solver(args.solver, _solver_options(args))
     out = Path(args.out)
-    loaded = _load(args, device, dtype)
+    loaded = load_for(args, device, dtype)
     report = plan.size_report(loaded.model)  # validates the plan before any work
     calib = _calibration(args, loaded.tokenizer, [plan])
     result = quantize_(loaded.model, plan, calibration=calib, device=device, batch_size=batch,
-                       progress=not args.json, log=lambda m: _log(args, m))
+                       progress=not args.json, log=lambda m: say(args, m))
     _write_report(args, Path(args.plan).stem if Path(args.plan).suffix else args.plan, result)
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.yaml")
@@ -292,10 +297,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mixq.provenance import provenance
     from mixq.quantize import quantize_
 
-    device, dtype, batch = _setup(args)
+    device, dtype, batch = setup_run(args)
     plans = _plans(args.plan, args)
     text = load_text(args.dataset, args.split, root=args.data_dir)
-    loaded = _load(args, device, dtype)
+    loaded = load_for(args, device, dtype)
     for _, plan in plans:
         plan.size_report(loaded.model)  # refuse a bad plan before evaluating anything
     calib = _calibration(args, loaded.tokenizer, [p for _, p in plans])
@@ -310,7 +315,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         q = None
         if model is not base:
             q = quantize_(model, plan, calibration=calib, device=device, batch_size=batch, progress=not args.json,
-                          log=lambda m: _log(args, m))
+                          log=lambda m: say(args, m))
             _write_report(args, label, q)
         ppl = perplexity(model, win, batch_size=batch, progress=not args.json)
         report = plan.size_report(base)
@@ -326,7 +331,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(row), flush=True)
         else:
-            _log(args, f"{label}: ppl {ppl.ppl:.4f}, {report.bits_per_weight:.3f} bits/weight, {report.size_bytes:,} bytes")
+            say(args, f"{label}: ppl {ppl.ppl:.4f}, {report.bits_per_weight:.3f} bits/weight, {report.size_bytes:,} bytes")
         if model is not base:
             del model
     if not args.json:
@@ -350,270 +355,16 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     Console().print(table)
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    from mixq.data import load_text, tokenize, windows
-    from mixq.errors import PlanError
-    from mixq.evaluate import perplexity
-    from mixq.plan import Plan
-    from mixq.search import SearchConfig, SearchSpace, run_search
-    from mixq.search.report import write_report
-    from mixq.search.study import Store
+def _command(name: str):  # type: ignore[no-untyped-def]
+    """The function of a subcommand; search and sensitivity live beside their packages."""
+    local = {"formats": cmd_formats, "quantize": cmd_quantize, "eval": cmd_eval}
+    if name in local:
+        return local[name]
+    from mixq.search import command as search_cmd
+    from mixq.sensitivity import command as sens_cmd
 
-    device, dtype, batch = _setup(args)
-    if args.max_size is None and args.max_bits is None:
-        raise MixqError("give a budget: --max-size or --max-bits")
-    if args.trials < 1:
-        raise MixqError(f"--trials must be positive, got {args.trials}")
-    from mixq.search.backends import check_backend
-
-    check_backend(args.backend)  # names a bad backend before loading anything
-    space = SearchSpace.load(args.space) if args.space else SearchSpace()
-    config = SearchConfig(backend=args.backend, trials=args.trials, max_bits=args.max_bits,
-                          max_size=None if args.max_size is None else parse_size(args.max_size), seed=args.seed,
-                          batch_size=batch)
-    loaded = _load(args, device, dtype)
-    model = loaded.model
-    val = tokenize(loaded.tokenizer, load_text("wikitext2", "validation", root=args.data_dir))
-    limit = args.limit or 4
-    score = windows(val, args.seqlen, limit=limit)
-    rescore = windows(val, args.seqlen, limit=4 * limit)
-    test = windows(tokenize(loaded.tokenizer, load_text("wikitext2", "test", root=args.data_dir)), args.seqlen, limit=args.final_limit)
-    identity = loaded.identity()
-    meta = {"model": args.model, "model_sha256": identity["sha256"], "space": space.to_dict(), "objective": args.objective,
-            "max_bits": config.max_bits, "max_size": config.max_size, "seqlen": args.seqlen, "limit": limit,
-            "backend": args.backend, "trials": args.trials, "seed": args.seed, "command": args.command_line}
-    units = space.units(model)
-    initial = [{u.name: c for u in units} for c in space.choices]  # uniform baselines first
-    initial += [space.assignment_of(units, Plan.parse(p), model) for p in args.initial]
-    if args.sens:
-        from mixq.sensitivity.allocate import allocate, plan_of
-
-        if not Path(args.sens).is_file():
-            raise MixqError(f"sensitivity file not found: {args.sens}")
-        sens = json.loads(Path(args.sens).read_text())
-        for k in range(args.starts):  # the greedy allocation, then randomised variants
-            choice = allocate(sens, max_bits=config.max_bits, max_size=config.max_size, jitter=0.0 if k == 0 else 0.5,
-                              seed=args.seed + k, formats=space.choices)
-            initial.append(space.assignment_of(units, plan_of(choice), model))
-    run_dir = Path(args.run_dir)
-    trials = run_search(model, space, score, config, run_dir, meta=meta, resume=args.resume, initial=initial,
-                        progress=not args.json)
-    # multi-fidelity: re-score the best few on more windows, then the final table on the test split
-    from mixq.search.study import WeightCache
-
-    cache = WeightCache(model, [layer for u in units for layer in u.layers])
-    top = sorted({json.dumps(t["assignment"], sort_keys=True): t for t in trials}.values(), key=lambda t: t["ppl"])[:5]
-    for t in top:
-        cache.apply(units, t["assignment"])
-        t["rescore_ppl"] = perplexity(model, rescore, batch_size=batch).ppl
-    cache.restore()
-    best = min(top, key=lambda t: t["rescore_ppl"])
-    best_plan = Plan.from_dict(best["plan"])
-    best_plan.save(run_dir / "best_plan.yaml")
-
-    def final(label: str, plan: Any) -> dict[str, Any]:
-        from mixq.quantize import quantize_
-
-        m = model if not plan.resolve(model) else copy.deepcopy(model)
-        if m is not model:
-            quantize_(m, plan)
-        rep = plan.size_report(model)
-        row = {"label": label, "ppl": perplexity(m, test, batch_size=batch).ppl, "bits_per_weight": rep.bits_per_weight,
-               "size_bytes": rep.size_bytes}
-        del m
-        return row
-
-    def feasible(p: Any) -> bool:
-        rep = p.size_report(model)
-        return config.budget_ok(rep.bits_per_weight, rep.size_bytes)
-
-    uniform = [c for c in space.choices if feasible(Plan.uniform(c))]
-    rows = [final("base (16-bit)", Plan())]
-    for name in ("int8", "int4-g128"):
-        try:
-            rows.append(final(f"{name} uniform", Plan.uniform(name)))
-        except PlanError:  # a format this model's rows cannot take (e.g. groups wider than a row)
-            pass
-    if uniform:
-        top_uniform = max(uniform, key=lambda c: Plan.uniform(c).bits(model))
-        rows.append(final(f"heuristic: largest uniform that fits ({top_uniform})", Plan.uniform(top_uniform)))
-    rows.append(final("best searched plan", best_plan))
-    budget = " and ".join(x for x in (f"≤ {config.max_bits} bits/weight" if config.max_bits else "",
-                                      f"≤ {config.max_size:,} bytes" if config.max_size else "") if x)
-    report = {"model": args.model, "backend": args.backend, "budget": budget, "rows": rows,
-              "score": f"{len(score)} validation windows × {args.seqlen} (re-scored on {len(rescore)})",
-              "final": f"{len(test)} test windows × {args.seqlen}",
-              "rejected": max((t.get("rejected_so_far", 0) for t in trials), default=0),
-              "mean_eval_seconds": sum(t["eval_seconds"] for t in trials) / len(trials),
-              "mean_propose_seconds": sum(t["propose_seconds"] for t in trials) / len(trials),
-              "solver_note": f"{space.solver} for every trial and for the final plans (cached per layer and choice)",
-              "best": best, "provenance": provenance_record(args, identity, device)}
-    write_report(run_dir, report, Store(run_dir).trials())
-    if args.json:
-        print(json.dumps({k: report[k] for k in ("rows", "budget", "rejected")} | {"best_plan": str(run_dir / "best_plan.yaml")}))
-    else:
-        print((run_dir / "report.md").read_text())
-    return 0
-
-
-def provenance_record(args: argparse.Namespace, identity: dict[str, str], device: str) -> dict[str, Any]:
-    from mixq.provenance import provenance
-
-    return provenance(model=identity, seed=args.seed, device=device, command=args.command_line)
-
-
-def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from mixq.data import calibration_windows, load_text, tokenize
-    from mixq.formats import parse_format
-    from mixq.models import load_model, quantizable_layers
-    from mixq.plan import Plan
-    from mixq.sensitivity import analysis
-
-    methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in analysis.METHODS]
-    if unknown or not methods:
-        raise MixqError(f"unknown sensitivity method {', '.join(unknown) or '(none)'} (one of {', '.join(analysis.METHODS)})")
-    formats = [parse_format(f).name for f in args.formats.split(",") if f.strip()]
-    device, dtype, batch = _setup(args)
-    if "hessian" in methods and dtype == "float16":
-        dtype = "float32"  # second derivatives in fp16 overflow; the trace is taken in fp32
-    _log(args, f"loading {args.model} ({dtype}, {device}, eager attention)")
-    loaded = load_model(args.model, dtype=dtype, device=device, attn_implementation="eager")
-    model = loaded.model
-    layers = list(quantizable_layers(model))
-    if not layers:
-        raise MixqError("the model has no quantizable Linear layer")
-    ids = tokenize(loaded.tokenizer, load_text(args.calib_dataset, args.calib_split, root=args.data_dir))
-    win = calibration_windows(ids, args.nsamples, args.seqlen, seed=args.seed)
-    out = Path(args.out)
-    meta = {"model": args.model, "sha256": loaded.identity()["sha256"], "nsamples": args.nsamples, "seqlen": args.seqlen,
-            "seed": args.seed, "formats": formats}
-    sens: dict[str, Any] = {}
-    if out.is_file():  # resume: keep what a previous run with the same settings finished
-        old = json.loads(out.read_text())
-        if old.get("meta") == meta:
-            sens = old
-            _log(args, f"resuming {out}: {', '.join(old.get('methods_done', []))} already done")
-    if not sens:
-        rep = Plan().size_report(model)
-        sens = {"meta": meta, "methods_done": [], "layers": analysis.geometry(model, layers, formats),
-                "other_bits": rep.other_bits - sum(model.get_submodule(n).weight.numel() * 16 for n in layers),
-                "provenance": provenance_record(args, loaded.identity(), device)}
-    timings = sens.setdefault("seconds", {})
-    for m in methods:
-        if m in sens["methods_done"]:
-            continue
-        start = time.perf_counter()
-        if m == "hessian":
-            res = analysis.hessian(model, win, layers, max_iter=args.max_iter, tol=args.tol, per_layer=args.per_layer,
-                                   batch_size=batch, seed=args.seed)
-        elif m == "fit":
-            res = analysis.fisher(model, win, layers)
-            for n, d in res.items():
-                d["score"] = {f: d["per_param"] * sens["layers"][n]["noise"][f] for f in formats}
-        else:
-            res = analysis.measured(model, win, layers, formats, batch_size=batch)
-        timings[m] = time.perf_counter() - start
-        for n, d in res.items():
-            sens["layers"][n][m] = d
-        sens["methods_done"].append(m)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(sens, indent=2))  # partial results survive a later failure
-        _log(args, f"{m}: {timings[m]:.1f} s")
-    _sensitivity_outputs(args, sens, out, formats)
-    return 0
-
-
-def _primary(d: dict[str, Any], m: str, f: str) -> float:
-    return d[m]["per_param"] if m in ("hessian", "fit") else d[m][f]
-
-
-def _sensitivity_outputs(args: argparse.Namespace, sens: dict[str, Any], out: Path, formats: list[str]) -> None:
-    from mixq.sensitivity.analysis import spearman
-
-    methods, layers = sens["methods_done"], sens["layers"]
-    f0 = formats[0]
-    lines = ["layer,params," + ",".join(f"{m}" if m != "measured" else f"measured_kl_{f}" for m in methods for f in ([f0] if m != "measured" else formats))]
-    for n, d in layers.items():
-        cells = [n, str(d["params"])]
-        for m in methods:
-            cells += [f"{_primary(d, m, f):.6g}" for f in ([f0] if m != "measured" else formats)]
-        lines.append(",".join(cells))
-    out.with_suffix(".csv").write_text("\n".join(lines) + "\n")
-    names = list(layers)
-    corr = {}
-    for i, a in enumerate(methods):
-        for b in methods[i + 1 :]:
-            corr[f"{a}~{b}"] = spearman([_primary(layers[n], a, f0) for n in names], [_primary(layers[n], b, f0) for n in names])
-    sens["spearman"] = corr
-    out.write_text(json.dumps(sens, indent=2))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        m = methods[0]
-        kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
-        fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.05), 3))
-        ax.bar(range(len(names)), [_primary(layers[n], m, f0) for n in names],
-               color=[f"C{kinds.index(n.rsplit('.', 1)[-1]) % 10}" for n in names])
-        ax.set_yscale("log")
-        ax.set_xlabel("layer (model order; colour = module type: " + ", ".join(kinds) + ")", fontsize=7)
-        ax.set_ylabel(m)
-        fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"), dpi=120)
-        plt.close(fig)
-    except ImportError:
-        pass
-    if args.json:
-        print(json.dumps({"out": str(out), "methods": methods, "spearman": corr, "seconds": sens.get("seconds")}))
-    else:
-        print(f"wrote {out}, {out.with_suffix('.csv')}; methods {', '.join(methods)}")
-        for k, v in corr.items():
-            print(f"  Spearman {k}: {v:+.3f}")
-
-
-def cmd_allocate(args: argparse.Namespace) -> int:
-    from mixq.sensitivity.allocate import allocate, plan_of
-
-    path = Path(args.sens)
-    if not path.is_file():
-        raise MixqError(f"sensitivity file not found: {path}")
-    sens = json.loads(path.read_text())
-    max_size = None if args.max_size is None else parse_size(args.max_size)
-    out = Path(args.out)
-    for k in range(max(args.starts, 1)):
-        choice = allocate(sens, max_bits=args.max_bits, max_size=max_size, jitter=0.0 if k == 0 else 0.5, seed=args.seed + k)
-        target = out if k == 0 else out.with_name(f"{out.stem}-{k}{out.suffix}")
-        plan_of(choice).save(target)
-        params = sum(d["params"] for d in sens["layers"].values())
-        bits = sum(sens["layers"][n]["bits"][f] for n, f in choice.items())
-        print(f"{target}: {bits / params:.4f} bits/weight, {math.ceil((bits + sens['other_bits']) / 8):,} bytes")
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from mixq.search.report import write_report
-    from mixq.search.study import Store
-
-    run_dir = Path(args.run_dir)
-    path = run_dir / "report.json"
-    if not path.is_file():
-        trials = Store(run_dir).trials()
-        if not trials:
-            raise MixqError(f"{run_dir} holds no search (no report.json, no trials.jsonl)")
-        best = min(trials, key=lambda t: t["ppl"])
-        print(f"{len(trials)} trials so far (no final report yet); best ppl on the scoring windows {best['ppl']:.4f} "
-              f"at {best['bits_per_weight']:.4f} bits/weight")
-        return 0
-    write_report(run_dir, json.loads(path.read_text()), Store(run_dir).trials())
-    print((run_dir / "report.md").read_text())
-    return 0
-
-
-COMMANDS = {"formats": cmd_formats, "quantize": cmd_quantize, "eval": cmd_eval, "search": cmd_search,
-            "report": cmd_report, "sensitivity": cmd_sensitivity, "allocate": cmd_allocate}
+    return {"search": search_cmd.cmd_search, "report": search_cmd.cmd_report,
+            "sensitivity": sens_cmd.cmd_sensitivity, "allocate": sens_cmd.cmd_allocate}[name]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -623,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["mixq", *argv])
     try:
-        return COMMANDS[args.command](args)
+        return _command(args.command)(args)
     except MixqError as e:
         print(f"mixq: error: {e}", file=sys.stderr)
         return 2

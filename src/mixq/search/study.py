@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from mixq.errors import MixqError, PlanError
 from mixq.evaluate import perplexity
 from mixq.formats import parse_format
-from mixq.plan import Plan
 from mixq.search.backends import check_backend, make_proposer
 from mixq.search.space import SearchSpace, Unit
 
