@@ -207,14 +207,7 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        path = Path(path)
-        if not path.is_file():
-            raise PlanError(f"plan file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())  # JSON is YAML
-        except yaml.YAMLError as e:
-            raise PlanError(f"plan {path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
-        return cls.from_dict(data or {})
+        return cls.from_dict(read_yaml(path, "plan") or {})
 
     @classmethod
     def parse(cls, text: str) -> Plan:
@@ -298,6 +291,17 @@ class Plan:
             opts = "".join(f" {k}={v}" for k, v in self.default.options)
             return f"{self.default.format.name}{solver}{opts}"
         return f"{len(self.rules)} rules, default {self.default.format.name if self.default else 'none'}"
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML (or JSON) file's data; a missing or malformed file is a PlanError naming ``what``."""
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"{what} file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())  # JSON is YAML
+    except yaml.YAMLError as e:
+        raise PlanError(f"{what} {path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
 
 
 def _check_pattern(pattern: str) -> None:

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from torch import nn
 
 from mixq.errors import PlanError
 from mixq.formats import parse_format
-from mixq.plan import LayerSpec, Plan, matches
+from mixq.plan import LayerSpec, Plan, matches, read_yaml
 
 GRANULARITIES = ("layer", "block", "shared", "model")
 DEFAULT_CHOICES = ("int2-g64", "int3-g128", "int3-g64", "int3-g32", "int4-g128", "int4-g32", "int5-g128", "int6-g128", "int8")
@@ -76,13 +75,7 @@ class SearchSpace:
 
     @classmethod
     def load(cls, path: str | Path) -> SearchSpace:
-        path = Path(path)
-        if not path.is_file():
-            raise PlanError(f"search space file not found: {path}")
-        try:
-            return cls.from_dict(yaml.safe_load(path.read_text()) or {})
-        except yaml.YAMLError as e:
-            raise PlanError(f"search space {path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+        return cls.from_dict(read_yaml(path, "search space") or {})
 
     def fingerprint(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
