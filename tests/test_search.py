@@ -184,3 +184,28 @@ def test_ax_study_resumes_from_its_jsonl(model, score, tmp_path):
                       meta=_meta(space), resume=True, progress=False)
     assert [t["number"] for t in more] == list(range(7)) and more[:5] == first
     assert all(t["bits_per_weight"] <= 4.0 for t in more)
+
+
+def test_pareto_front_search(model, score, tmp_path):
+    from mixq.search.study import pareto_front
+
+    space = SearchSpace(choices=CHOICES, granularity="block")
+    trials = run_search(model, space, score, SearchConfig(backend="nsga2", trials=8, objective="pareto"), tmp_path / "p",
+                        meta=_meta(space), progress=False)
+    front = pareto_front(trials)
+    assert front and all(a["size_bytes"] < b["size_bytes"] and a["ppl"] > b["ppl"] for a, b in zip(front, front[1:]))
+    for t in trials:  # nothing on the front is beaten on both objectives
+        assert not any(t["ppl"] < f["ppl"] and t["size_bytes"] <= f["size_bytes"] for f in front)
+    with pytest.raises(MixqError, match="Pareto front needs one of"):
+        run_search(model, space, score, SearchConfig(backend="ax", trials=2, objective="pareto"), tmp_path / "q",
+                   meta=_meta(space), progress=False)
+
+
+def test_pareto_cli_without_budget(capsys, tiny_dir, data_dir, tmp_path):
+    argv = _search_argv(tiny_dir, data_dir, tmp_path / "front", 6)
+    i = argv.index("--max-bits")
+    argv = argv[:i] + argv[i + 2 :] + ["--objective", "pareto", "--backend", "nsga2"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "front" / "report.json").read_text())
+    assert any(r["label"].startswith("front:") for r in report["rows"])
+    assert json.loads((tmp_path / "front" / "pareto_front.json").read_text())

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     _shared(e)
     se = sub.add_parser("search", help="search per-layer formats under a size budget")
     se.add_argument("--space", default=None, help="search space file (YAML/JSON); default: block granularity, int2..int8")
-    se.add_argument("--objective", default="ppl", choices=["ppl"], help="what the search minimises (perplexity on validation windows)")
+    se.add_argument("--objective", default="ppl", choices=["ppl", "pareto"],
+                    help="ppl: lowest perplexity on validation windows within the budget; pareto: the perplexity/size front")
     se.add_argument("--max-size", default=None, help="model size budget, e.g. 100MB, 95MiB, 1.5GB or bytes")
     se.add_argument("--max-bits", type=float, default=None, help="average bits per quantized weight budget")
     se.add_argument("--backend", default="tpe", help="tpe, nsga2, nsga3, qmc, random, gp (Optuna), ax (Bayesian optimisation), evo (local search)")

@@ -3,9 +3,9 @@
 A proposer suggests assignments (unit name -> choice) and learns from results:
 
     assignment, handle = proposer.ask()      # a proposal (may be over budget)
-    proposer.tell(handle, ppl)               # its score
+    proposer.tell(handle, values)            # its objectives: (ppl,) or (ppl, size) for a Pareto front
     proposer.reject(handle)                  # over budget: dropped, never scored
-    proposer.add(assignment, ppl)            # a trial it did not propose (initial, repaired)
+    proposer.add(assignment, values)         # a trial it did not propose (initial, repaired)
 
 * Optuna samplers (``random``, ``tpe``, ``nsga2``, ``nsga3``, ``qmc``, ``gp``), their study in
   SQLite (``study.db``);
@@ -31,11 +31,11 @@ BACKENDS = ("random", "tpe", "nsga2", "nsga3", "qmc", "gp", "evo", "ax")
 class Proposer(Protocol):
     def ask(self) -> tuple[dict[str, str], Any]: ...
 
-    def tell(self, handle: Any, value: float) -> None: ...
+    def tell(self, handle: Any, values: tuple[float, ...]) -> None: ...
 
     def reject(self, handle: Any) -> None: ...
 
-    def add(self, assignment: dict[str, str], value: float) -> None: ...
+    def add(self, assignment: dict[str, str], values: tuple[float, ...]) -> None: ...
 
 
 def _optuna_samplers() -> dict[str, Callable[[int], object]]:
@@ -51,34 +51,30 @@ def _optuna_samplers() -> dict[str, Callable[[int], object]]:
     }
 
 
-def check_backend(name: str) -> None:
-    if name not in BACKENDS:
-        raise MixqError(f"unknown backend {name!r} (one of {', '.join(BACKENDS)})")
-
-
 class OptunaProposer:
-    def __init__(self, sampler: str, seed: int, units: list[str], choices: list[str], storage: str, resume: bool) -> None:
+    def __init__(self, sampler: str, seed: int, units: list[str], choices: list[str], storage: str, resume: bool,
+                 objectives: int = 1) -> None:
         import optuna
         from optuna.distributions import CategoricalDistribution
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.optuna = optuna
         self.study = optuna.create_study(study_name="mixq", storage=storage, sampler=_optuna_samplers()[sampler](seed),
-                                         direction="minimize", load_if_exists=resume)
+                                         directions=["minimize"] * objectives, load_if_exists=resume)
         self.dists = {u: CategoricalDistribution(choices) for u in units}
 
     def ask(self) -> tuple[dict[str, str], Any]:
         trial = self.study.ask(self.dists)
         return {u: trial.params[u] for u in self.dists}, trial
 
-    def tell(self, handle: Any, value: float) -> None:
-        self.study.tell(handle, value)
+    def tell(self, handle: Any, values: tuple[float, ...]) -> None:
+        self.study.tell(handle, list(values))
 
     def reject(self, handle: Any) -> None:
         self.study.tell(handle, state=self.optuna.trial.TrialState.FAIL)
 
-    def add(self, assignment: dict[str, str], value: float) -> None:
-        self.study.add_trial(self.optuna.trial.create_trial(params=assignment, distributions=self.dists, value=value))
+    def add(self, assignment: dict[str, str], values: tuple[float, ...]) -> None:
+        self.study.add_trial(self.optuna.trial.create_trial(params=assignment, distributions=self.dists, values=list(values)))
 
 
 class EvoProposer:
@@ -95,14 +91,14 @@ class EvoProposer:
         parent = min(self.rng.sample(self.history, min(3, len(self.history))), key=lambda t: t["ppl"])
         return self.step(parent["assignment"]), None
 
-    def tell(self, handle: Any, value: float) -> None:
+    def tell(self, handle: Any, values: tuple[float, ...]) -> None:
         raise AssertionError("evo proposals are recorded with add()")
 
     def reject(self, handle: Any) -> None:
         pass
 
-    def add(self, assignment: dict[str, str], value: float) -> None:
-        self.record.add(assignment, value)
+    def add(self, assignment: dict[str, str], values: tuple[float, ...]) -> None:
+        self.record.add(assignment, values)
 
 
 class AxProposer:
@@ -121,28 +117,39 @@ class AxProposer:
                         for p in self.names.values()], name="mixq")
         self.client.configure_optimization(objective="-ppl")
         for t in history:  # resume: replay the finished trials
-            self.add(t["assignment"], t["ppl"])
+            self.add(t["assignment"], (t["ppl"],))
 
     def ask(self) -> tuple[dict[str, str], Any]:
         (index, params), = self.client.get_next_trials(max_trials=1).items()
         return {u: str(params[p]) for u, p in self.names.items()}, index
 
-    def tell(self, handle: Any, value: float) -> None:
-        self.client.complete_trial(handle, raw_data={"ppl": value})
+    def tell(self, handle: Any, values: tuple[float, ...]) -> None:
+        self.client.complete_trial(handle, raw_data={"ppl": values[0]})
 
     def reject(self, handle: Any) -> None:
         self.client.mark_trial_abandoned(handle)
 
-    def add(self, assignment: dict[str, str], value: float) -> None:
+    def add(self, assignment: dict[str, str], values: tuple[float, ...]) -> None:
         index = self.client.attach_trial({p: assignment[u] for u, p in self.names.items()})
-        self.client.complete_trial(index, raw_data={"ppl": value})
+        self.client.complete_trial(index, raw_data={"ppl": values[0]})
+
+
+MULTI_OBJECTIVE = ("random", "tpe", "nsga2", "nsga3", "qmc")
+
+
+def check_backend(name: str, objectives: int = 1) -> None:
+    if name not in BACKENDS:
+        raise MixqError(f"unknown backend {name!r} (one of {', '.join(BACKENDS)})")
+    if objectives > 1 and name not in MULTI_OBJECTIVE:
+        raise MixqError(f"backend {name!r} searches one objective; a Pareto front needs one of {', '.join(MULTI_OBJECTIVE)}")
 
 
 def make_proposer(name: str, *, seed: int, units: list[str], choices: list[str], storage: str, resume: bool,
-                  history: list[dict[str, Any]], step: Callable[[dict[str, str]], dict[str, str]]) -> Proposer:
-    check_backend(name)
+                  history: list[dict[str, Any]], step: Callable[[dict[str, str]], dict[str, str]],
+                  objectives: int = 1) -> Proposer:
+    check_backend(name, objectives)
     if name == "ax":
         return AxProposer(seed, units, choices, history)
     if name == "evo":
         return EvoProposer(OptunaProposer("random", seed, units, choices, storage, resume), history, step, seed)
-    return OptunaProposer(name, seed, units, choices, storage, resume)
+    return OptunaProposer(name, seed, units, choices, storage, resume, objectives)

@@ -21,17 +21,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     from mixq.search.study import Store
 
     device, dtype, batch = setup_run(args)
-    if args.max_size is None and args.max_bits is None:
-        raise MixqError("give a budget: --max-size or --max-bits")
+    if args.max_size is None and args.max_bits is None and args.objective == "ppl":
+        raise MixqError("give a budget: --max-size or --max-bits (or --objective pareto)")
     if args.trials < 1:
         raise MixqError(f"--trials must be positive, got {args.trials}")
     from mixq.search.backends import check_backend
 
-    check_backend(args.backend)  # names a bad backend before loading anything
+    check_backend(args.backend, 2 if args.objective == "pareto" else 1)  # before loading anything
     space = SearchSpace.load(args.space) if args.space else SearchSpace()
     config = SearchConfig(backend=args.backend, trials=args.trials, max_bits=args.max_bits,
                           max_size=None if args.max_size is None else parse_size(args.max_size), seed=args.seed,
-                          batch_size=batch)
+                          batch_size=batch, objective=args.objective)
     loaded = load_for(args, device, dtype)
     model = loaded.model
     val = tokenize(loaded.tokenizer, load_text("wikitext2", "validation", root=args.data_dir))
@@ -60,7 +60,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     trials = run_search(model, space, score, config, run_dir, meta=meta, resume=args.resume, initial=initial,
                         progress=not args.json)
     # multi-fidelity: re-score the best few on more windows, then the final table on the test split
-    from mixq.search.study import WeightCache
+    from mixq.search.study import WeightCache, pareto_front
 
     cache = WeightCache(model, [layer for u in units for layer in u.layers])
     top = sorted({json.dumps(t["assignment"], sort_keys=True): t for t in trials}.values(), key=lambda t: t["ppl"])[:5]
@@ -99,9 +99,15 @@ def cmd_search(args: argparse.Namespace) -> int:
         top_uniform = max(uniform, key=lambda c: Plan.uniform(c).bits(model))
         rows.append(final(f"heuristic: largest uniform that fits ({top_uniform})", Plan.uniform(top_uniform)))
     rows.append(final("best searched plan", best_plan))
+    if config.objective == "pareto":
+        front = pareto_front(trials)
+        (run_dir / "pareto_front.json").write_text(json.dumps(front, indent=2))
+        step = max(1, len(front) // 6)  # at most about six points of the front on the test split
+        for t in front[::step]:
+            rows.append(final(f"front: {t['bits_per_weight']:.3f} bits/weight", Plan.from_dict(t["plan"])))
     budget = " and ".join(x for x in (f"≤ {config.max_bits} bits/weight" if config.max_bits else "",
                                       f"≤ {config.max_size:,} bytes" if config.max_size else "") if x)
-    report = {"model": args.model, "backend": args.backend, "budget": budget, "rows": rows,
+    report = {"model": args.model, "backend": args.backend, "budget": budget or "none (Pareto front)", "rows": rows,
               "score": f"{len(score)} validation windows × {args.seqlen} (re-scored on {len(rescore)})",
               "final": f"{len(test)} test windows × {args.seqlen}",
               "rejected": max((t.get("rejected_so_far", 0) for t in trials), default=0),

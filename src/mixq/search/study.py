@@ -38,6 +38,11 @@ class SearchConfig:
     seed: int = 0
     batch_size: int = 8
     rescore_top: int = 5  # best trials re-scored on the re-scoring windows
+    objective: str = "ppl"  # "ppl": minimise perplexity (under the budget); "pareto": perplexity and size
+
+    @property
+    def objectives(self) -> int:
+        return 2 if self.objective == "pareto" else 1
 
     def budget_ok(self, bits: float, size: int) -> bool:
         return (self.max_bits is None or bits <= self.max_bits + 1e-12) and (self.max_size is None or size <= self.max_size)
@@ -76,6 +81,15 @@ class WeightCache:
 
 def _cost_order(space: SearchSpace, shape: tuple[int, int]) -> list[str]:
     return sorted(space.choices, key=lambda c: parse_format(c).bits_per_weight(shape))
+
+
+def pareto_front(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials no other trial beats on both perplexity and size, by increasing size."""
+    front: list[dict[str, Any]] = []
+    for t in sorted(trials, key=lambda t: (t["size_bytes"], t["ppl"])):
+        if not front or t["ppl"] < front[-1]["ppl"]:
+            front.append(t)
+    return front
 
 
 def repair(space: SearchSpace, units: list[Unit], assignment: dict[str, str], fits) -> dict[str, str]:  # type: ignore[no-untyped-def]
@@ -214,7 +228,7 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
     units = space.units(model)
     size = SizeModel(space, units, model)
     check_budget(space, units, size, config)
-    check_backend(config.backend)
+    check_backend(config.backend, config.objectives)
     store = Store(run_dir)
     store.write_meta(meta, space, resume)
     done = store.trials()
@@ -222,7 +236,7 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
     rng = random.Random(config.seed + len(done))
     proposer = make_proposer(config.backend, seed=config.seed, units=[u.name for u in units], choices=list(space.choices),
                              storage=store.storage_url(), resume=resume, history=done,
-                             step=lambda parent: mutate(space, units, parent, fits, rng))
+                             step=lambda parent: mutate(space, units, parent, fits, rng), objectives=config.objectives)
     cache = WeightCache(model, [layer for u in units for layer in u.layers])
     seen = {json.dumps(t["assignment"], sort_keys=True) for t in done}
     rejected = done[-1]["rejected_so_far"] if done else 0
@@ -258,10 +272,11 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
                       "ppl": ppl, "bits_per_weight": bits, "size_bytes": nbytes, "source": source,
                       "propose_seconds": propose_s, "eval_seconds": eval_s, "rejected_so_far": rejected}
             store.append(record)  # the plain store first: it is what a resumed study counts
+            values = (ppl, float(nbytes))[: config.objectives]
             if handle is not None:
-                proposer.tell(handle, ppl)
+                proposer.tell(handle, values)
             else:
-                proposer.add(assignment, ppl)
+                proposer.add(assignment, values)
             done.append(record)
             best = min(best, ppl)
             bar.set_postfix(best=f"{best:.3f}", bits=f"{bits:.3f}")
