@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from mixq.errors import MixqError
-
-PRESETS = ("int8", "int4-g128", "int3-g128", "nf4-g64", "mxfp4")
-
+from mixq.models import DEFAULT_MODEL
 
 def _shared(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and evaluation")
-    g.add_argument("--model", default="smollm2-135m", help="named model (smollm2-135m, gemma3-270m), a .gguf file or a Hugging Face folder")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="named model (smollm2-135m, gemma3-270m), a .gguf file or a Hugging Face folder")
     g.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     g.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
     g.add_argument("--nsamples", type=int, default=128, help="calibration windows (calibrated solvers)")

@@ -14,7 +14,6 @@ one block, a whole block, one layer kind shared by every block, or the whole mod
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,9 +75,6 @@ class SearchSpace:
     @classmethod
     def load(cls, path: str | Path) -> SearchSpace:
         return cls.from_dict(read_yaml(path, "search space") or {})
-
-    def fingerprint(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
 
     # -- units ------------------------------------------------------------------
     def units(self, model: nn.Module) -> list[Unit]:
