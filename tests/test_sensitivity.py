@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -32,6 +34,10 @@ def test_hutchinson_converges_to_the_exact_trace():
         assert est["a"].stderr < 0.05 * est["a"].trace
     stopped = hutchinson_trace(loss, {"b": p2}, [None], max_iter=1000, tol=0.05)
     assert stopped["b"].iterations < 1000 and stopped["b"].trace == pytest.approx(36.0, rel=0.2)
+    for per_layer in (False, True):  # a time budget of zero still takes the two probes a standard error needs
+        timed = hutchinson_trace(loss, {"a": p1, "b": p2}, [None], max_iter=1000, tol=0.0, per_layer=per_layer,
+                                 max_seconds=0.0)
+        assert [e.iterations for e in timed.values()] == [2, 2] and all(e.stderr < math.inf for e in timed.values())
 
 
 def test_fisher_trace_of_a_linear_gaussian_model():

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", default="wikitext2", help="wikitext2, or a .txt/.jsonl file")
     e.add_argument("--split", default="test")
     e.add_argument("--kl", action="store_true", help="also report KL(base ‖ quantized) on the same windows")
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated: wikitext2 (perplexity) and zero-shot tasks (arc_easy, piqa, lambada_openai, "
+                        "copa, openbook_qa, siqa from the data directory, or any lm-eval task name); --limit caps each")
     _shared(e)
     se = sub.add_parser("search", help="search per-layer formats under a size budget")
     se.add_argument("--space", default=None, help="search space file (YAML/JSON); default: block granularity, int2..int8")
@@ -80,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("--out", required=True, help="sens.json (a .csv and a .png are written beside it)")
     sn.add_argument("--max-iter", type=int, default=100, help="Hutchinson probes at most")
     sn.add_argument("--tol", type=float, default=1e-2, help="stop once every stderr < tol x |trace|")
+    sn.add_argument("--max-time", type=float, default=None, metavar="SECONDS",
+                    help="Hutchinson: stop after this long (at least two probes; the standard errors say how far it got)")
     sn.add_argument("--per-layer", action="store_true", help="Hutchinson one layer at a time (less memory)")
     _shared(sn)
 
@@ -290,6 +295,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_tasks(args: argparse.Namespace) -> tuple[bool, list[str]]:
+    """(perplexity wanted, zero-shot task names) from ``--tasks`` (default: perplexity on --dataset)."""
+    from mixq.evaluate.zeroshot import PERPLEXITY_TASKS, resolve_tasks
+
+    if args.tasks is None:
+        return True, []
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        raise MixqError("--tasks is empty")
+    if len(set(names)) != len(names):
+        raise MixqError(f"--tasks names a task twice: {args.tasks}")
+    zs = [t for t in names if t not in PERPLEXITY_TASKS]
+    resolve_tasks(zs, args.data_dir)  # a missing task file is refused before the model loads
+    if len(zs) < len(names):
+        args.dataset = "wikitext2"
+    return len(zs) < len(names), zs
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from mixq.data import load_text, tokenize, windows
     from mixq.evaluate import kl_divergence, perplexity
@@ -298,14 +321,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     device, dtype, batch = setup_run(args)
     plans = _plans(args.plan, args)
-    text = load_text(args.dataset, args.split, root=args.data_dir)
+    want_ppl, zs_tasks = _eval_tasks(args)
+    if args.kl and not want_ppl:
+        raise MixqError("--kl compares the models on perplexity windows: add wikitext2 to --tasks")
+    text = load_text(args.dataset, args.split, root=args.data_dir) if want_ppl else None
     loaded = load_for(args, device, dtype)
     for _, plan in plans:
         plan.size_report(loaded.model)  # refuse a bad plan before evaluating anything
     calib = _calibration(args, loaded.tokenizer, [p for _, p in plans])
-    ids = tokenize(loaded.tokenizer, text)
-    bos = loaded.tokenizer.bos_token_id if getattr(loaded.model.config, "model_type", "").startswith("gemma") else None
-    win = windows(ids, args.seqlen, limit=args.limit, bos=bos)
+    gemma = getattr(loaded.model.config, "model_type", "").startswith("gemma")
+    win = None
+    if want_ppl:
+        ids = tokenize(loaded.tokenizer, text)
+        win = windows(ids, args.seqlen, limit=args.limit, bos=loaded.tokenizer.bos_token_id if gemma else None)
     prov = provenance(model=loaded.identity(), seed=args.seed, device=device, command=args.command_line)
     base = loaded.model
     rows = []
@@ -316,42 +344,75 @@ def cmd_eval(args: argparse.Namespace) -> int:
             q = quantize_(model, plan, calibration=calib, device=device, batch_size=batch, progress=not args.json,
                           log=lambda m: say(args, m))
             _write_report(args, label, q)
-        ppl = perplexity(model, win, batch_size=batch, progress=not args.json)
         report = plan.size_report(base)
-        row: dict[str, Any] = {"label": label, "plan": plan.describe(), "ppl": ppl.ppl,
-                               "bits_per_weight": report.bits_per_weight, "size_bytes": report.size_bytes,
-                               "dataset": args.dataset, "split": args.split, "seqlen": args.seqlen, **ppl.to_dict(),
-                               "quantize_seconds": q.seconds if q else 0.0, "size": report.to_dict(),
-                               "calibration": _calibration_record(args, calib) if q else None}
+        row: dict[str, Any] = {"label": label, "plan": plan.describe()}
+        if win is not None:
+            ppl = perplexity(model, win, batch_size=batch, progress=not args.json)
+            row.update({"ppl": ppl.ppl, "dataset": args.dataset, "split": args.split, "seqlen": args.seqlen,
+                        **ppl.to_dict()})
+        row.update({"bits_per_weight": report.bits_per_weight, "size_bytes": report.size_bytes,
+                    "quantize_seconds": q.seconds if q else 0.0, "size": report.to_dict(),
+                    "calibration": _calibration_record(args, calib) if q else None})
         if args.kl:
             row["kl"] = 0.0 if model is base else kl_divergence(base, model, win, batch_size=batch)
+        if args.tasks is not None:
+            row["tasks"] = _zero_shot(args, model, loaded.tokenizer, zs_tasks, device, gemma)
+            if win is not None:
+                row["tasks"] = {"wikitext2": {"ppl": row["ppl"], "windows": row["windows"]}, **row["tasks"]}
         row["provenance"] = prov
         rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)
         else:
-            say(args, f"{label}: ppl {ppl.ppl:.4f}, {report.bits_per_weight:.3f} bits/weight, {report.size_bytes:,} bytes")
+            summary = f"ppl {row['ppl']:.4f}, " if "ppl" in row else ""
+            say(args, f"{label}: {summary}{report.bits_per_weight:.3f} bits/weight, {report.size_bytes:,} bytes")
         if model is not base:
             del model
     if not args.json:
-        _table(rows, args)
+        _table(rows, args, zs_tasks)
     return 0
 
 
-def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+def _zero_shot(args: argparse.Namespace, model: Any, tokenizer: Any, tasks: list[str], device: str,
+               gemma: bool) -> dict[str, Any]:
+    if not tasks:
+        return {}
+    from mixq.evaluate.zeroshot import evaluate_tasks
+
+    batch = args.batch_size or (64 if device.startswith("cuda") else 8)
+    return evaluate_tasks(model, tokenizer, tasks, data_dir=args.data_dir, limit=args.limit, batch_size=batch,
+                          device=device, add_bos=gemma)
+
+
+def _table(rows: list[dict[str, Any]], args: argparse.Namespace, tasks: list[str] = ()) -> None:  # type: ignore[assignment]
     from rich.console import Console
     from rich.table import Table
 
     w = rows[0]
-    table = Table(title=f"{args.model} · {args.dataset}/{args.split} · {w['windows']} × {args.seqlen} tokens")
-    for col in ("plan", "ppl", "bits/weight", "size (MB)") + (("KL",) if args.kl else ()):
+    where = f"{args.dataset}/{args.split} · {w['windows']} × {args.seqlen} tokens" if "ppl" in w else "zero-shot"
+    table = Table(title=f"{args.model} · {where}")
+    cols = ["plan"] + (["ppl"] if "ppl" in w else []) + ["bits/weight", "size (MB)"] + (["KL"] if args.kl else [])
+    for t in tasks:
+        cols.append(f"{t} acc" + (" / norm" if "acc_norm" in w["tasks"][t] else ""))
+    for col in cols:
         table.add_column(col, justify="left" if col == "plan" else "right")
     for r in rows:
-        cells = [r["label"], f"{r['ppl']:.3f}", f"{r['bits_per_weight']:.3f}", f"{r['size_bytes'] / 1e6:.2f}"]
+        cells = [r["label"]] + ([f"{r['ppl']:.3f}"] if "ppl" in r else [])
+        cells += [f"{r['bits_per_weight']:.3f}", f"{r['size_bytes'] / 1e6:.2f}"]
         if args.kl:
             cells.append(f"{r['kl']:.4f}")
+        for t in tasks:
+            m = r["tasks"][t]
+            cell = f"{100 * m['acc']:.1f}±{100 * m.get('acc_stderr', float('nan')):.1f}"
+            if "acc_norm" in m:
+                cell += f" / {100 * m['acc_norm']:.1f}"
+            cells.append(cell)
         table.add_row(*cells)
     Console().print(table)
+    if tasks:
+        n = {t: rows[0]["tasks"][t]["n"] for t in tasks}
+        Console().print("zero-shot accuracy in % ± standard error (lm-eval); examples: "
+                        + ", ".join(f"{t} {k}" for t, k in n.items()))
 
 
 def _command(name: str):  # type: ignore[no-untyped-def]

@@ -32,7 +32,7 @@ def provenance(*, model: dict[str, str] | None, seed: int, device: str | torch.d
 
     return {
         "mixq": __version__,
-        "versions": {p: _version(p) for p in ("torch", "transformers", "accelerate", "gguf", "safetensors")},
+        "versions": {p: _version(p) for p in ("torch", "transformers", "accelerate", "gguf", "safetensors", "lm_eval")},
         "python": platform.python_version(),
         "model": model,
         "seed": seed,

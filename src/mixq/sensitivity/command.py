@@ -27,6 +27,11 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     device, dtype, batch = setup_run(args)
     if "hessian" in methods and dtype == "float16":
         dtype = "float32"  # second derivatives in fp16 overflow; the trace is taken in fp32
+    if device.startswith("cuda") and dtype == "float32":
+        import torch
+
+        # TF32 matrix products (10-bit mantissa) for the gradients: far below the estimators' sampling error.
+        torch.backends.cuda.matmul.allow_tf32 = True
     say(args, f"loading {args.model} ({dtype}, {device}, eager attention)")
     loaded = load_model(args.model, dtype=dtype, device=device, attn_implementation="eager")
     model = loaded.model
@@ -55,8 +60,14 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
             continue
         start = time.perf_counter()
         if m == "hessian":
+            t0 = time.perf_counter()
+
+            def tick(it: int) -> None:
+                say(args, f"hessian: probe {it + 1}/{args.max_iter}, {time.perf_counter() - t0:.1f} s")
+
             res = analysis.hessian(model, win, layers, max_iter=args.max_iter, tol=args.tol, per_layer=args.per_layer,
-                                   batch_size=batch, seed=args.seed)
+                                   batch_size=batch, seed=args.seed, progress=tick,
+                                   max_seconds=args.max_time)
         elif m == "fit":
             res = analysis.fisher(model, win, layers)
             for n, d in res.items():

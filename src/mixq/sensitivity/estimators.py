@@ -53,12 +53,17 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 def hutchinson_trace(loss_fn: Callable[[object], Tensor], params: dict[str, Tensor], samples: Sequence[object], *,
                      max_iter: int = 100, tol: float = 1e-2, min_iter: int = 5, per_layer: bool = False,
-                     seed: int = 0, progress: Callable[[int], None] | None = None) -> dict[str, TraceEstimate]:
+                     seed: int = 0, progress: Callable[[int], None] | None = None,
+                     max_seconds: float | None = None) -> dict[str, TraceEstimate]:
     """Hutchinson estimates of tr(∂²L/∂p²) for each parameter (L = mean loss over ``samples``).
 
     Stops once every estimate's standard error is below ``tol`` × |estimate| (after
-    ``min_iter`` probes) or after ``max_iter`` probes.
+    ``min_iter`` probes), after ``max_iter`` probes, or once ``max_seconds`` have passed
+    (at least two probes; the standard errors say how far the estimate got).
     """
+    import time
+
+    start = time.perf_counter()
     groups = [[n] for n in params] if per_layer else [list(params)]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out: dict[str, TraceEstimate] = {}
@@ -67,19 +72,21 @@ def hutchinson_trace(loss_fn: Callable[[object], Tensor], params: dict[str, Tens
         draws: dict[str, list[float]] = {n: [] for n in names}
         for it in range(max_iter):
             probes = [(torch.randint(0, 2, t.shape, generator=gen) * 2 - 1).to(t.device, t.dtype) for t in tensors]
-            acc = [0.0] * len(names)
+            acc = torch.zeros(len(names), dtype=torch.float64, device=tensors[0].device)
             for sample in samples:
                 loss = loss_fn(sample) / len(samples)
                 grads = torch.autograd.grad(loss, tensors, create_graph=True)
                 dot = sum((g * v).sum() for g, v in zip(grads, probes))
                 hv = torch.autograd.grad(dot, tensors)
-                for k, (h, v) in enumerate(zip(hv, probes)):
-                    acc[k] += float((h * v).sum())
-            for n, a in zip(names, acc):
+                acc += torch.stack([(h * v).sum(dtype=torch.float64) for h, v in zip(hv, probes)])  # no host sync
+            for n, a in zip(names, acc.tolist()):
                 draws[n].append(a)
             if progress is not None:
                 progress(it)
             if it + 1 >= min_iter and all(abs(_stats(d)[1]) <= tol * abs(_stats(d)[0]) for d in draws.values()):
+                break
+            if max_seconds is not None and it >= 1 and time.perf_counter() - start > max_seconds * len(out) / len(params) \
+                    + max_seconds * len(names) / len(params):
                 break
         for n, t in zip(names, tensors):
             mean, se = _stats(draws[n])
