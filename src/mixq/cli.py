@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("--max-time", type=float, default=None, metavar="SECONDS",
                     help="Hutchinson: stop after this long (at least two probes; the standard errors say how far it got)")
     sn.add_argument("--per-layer", action="store_true", help="Hutchinson one layer at a time (less memory)")
+    sn.add_argument("--probe-windows", type=int, default=None, metavar="N",
+                    help="Hutchinson: each probe uses the next N calibration windows, cycling (default: all); "
+                         "many cheap probes beat a few exact ones")
     _shared(sn)
 
     al = sub.add_parser("allocate", help="a plan from sensitivity scores and a budget")

@@ -33,7 +33,7 @@ def _device(model: nn.Module) -> torch.device:
 
 def hessian(model: nn.Module, windows: Tensor, layers: list[str], *, max_iter: int, tol: float, per_layer: bool,
             batch_size: int, seed: int, progress: Callable[[int], None] | None = None,
-            max_seconds: float | None = None) -> dict[str, dict[str, Any]]:
+            max_seconds: float | None = None, probe_windows: int | None = None) -> dict[str, dict[str, Any]]:
     """Average Hessian trace per layer (the model must use eager attention: SDPA has no double backward)."""
     params = _weights(model, layers)
     dev = _device(model)
@@ -41,7 +41,8 @@ def hessian(model: nn.Module, windows: Tensor, layers: list[str], *, max_iter: i
     try:
         est = hutchinson_trace(lambda b: shifted_nll(model, b) * len(b) / len(windows) * len(batches), params, batches,
                                max_iter=max_iter, tol=tol, per_layer=per_layer, seed=seed, progress=progress,
-                               max_seconds=max_seconds)
+                               max_seconds=max_seconds,
+                               samples_per_probe=None if probe_windows is None else -(-probe_windows // batch_size))
     finally:
         model.requires_grad_(False)
     return {n: e.to_dict() for n, e in est.items()}

@@ -67,7 +67,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
             res = analysis.hessian(model, win, layers, max_iter=args.max_iter, tol=args.tol, per_layer=args.per_layer,
                                    batch_size=batch, seed=args.seed, progress=tick,
-                                   max_seconds=args.max_time)
+                                   max_seconds=args.max_time, probe_windows=args.probe_windows)
         elif m == "fit":
             res = analysis.fisher(model, win, layers)
             for n, d in res.items():
