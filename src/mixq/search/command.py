@@ -5,11 +5,27 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import time
 from pathlib import Path
 from typing import Any
 
-from mixq.cli import load_for, parse_size, provenance_record, setup_run
+from mixq.cli import load_for, parse_size, provenance_record, say, setup_run
 from mixq.errors import MixqError
+
+REQUANTIZE_TRIALS = 3  # trials of the reload-and-requantize loop timed after the search
+
+
+def _versions(*packages: str) -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for p in packages:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
 
 def cmd_search(args: argparse.Namespace) -> int:
     from mixq.data import load_text, tokenize, windows
@@ -18,7 +34,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from mixq.plan import Plan
     from mixq.search import SearchConfig, SearchSpace, run_search
     from mixq.search.report import write_report
-    from mixq.search.study import Store
+    from mixq.search.study import SizeModel, Start, Store, WeightCache, guided_starts, pareto_front, requantize_seconds
 
     device, dtype, batch = setup_run(args)
     if args.max_size is None and args.max_bits is None and args.objective == "ppl":
@@ -32,7 +48,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     config = SearchConfig(backend=args.backend, trials=args.trials, max_bits=args.max_bits,
                           max_size=None if args.max_size is None else parse_size(args.max_size), seed=args.seed,
                           batch_size=batch, objective=args.objective)
+    sens = None
+    if args.sens:
+        if not Path(args.sens).is_file():
+            raise MixqError(f"sensitivity file not found: {args.sens}")
+        sens = json.loads(Path(args.sens).read_text())
+    t_load = time.perf_counter()
     loaded = load_for(args, device, dtype)
+    load_seconds = time.perf_counter() - t_load
     model = loaded.model
     val = tokenize(loaded.tokenizer, load_text("wikitext2", "validation", root=args.data_dir))
     limit = args.limit or 4
@@ -44,43 +67,45 @@ def cmd_search(args: argparse.Namespace) -> int:
             "max_bits": config.max_bits, "max_size": config.max_size, "seqlen": args.seqlen, "limit": limit,
             "backend": args.backend, "trials": args.trials, "seed": args.seed, "command": args.command_line}
     units = space.units(model)
-    initial = [{u.name: c for u in units} for c in space.choices]  # uniform baselines first
-    initial += [space.assignment_of(units, Plan.parse(p), model) for p in args.initial]
-    if args.sens:
-        from mixq.sensitivity.allocate import allocate, plan_of
-
-        if not Path(args.sens).is_file():
-            raise MixqError(f"sensitivity file not found: {args.sens}")
-        sens = json.loads(Path(args.sens).read_text())
-        for k in range(args.starts):  # the greedy allocation, then randomised variants
-            choice = allocate(sens, max_bits=config.max_bits, max_size=config.max_size, jitter=0.0 if k == 0 else 0.5,
-                              seed=args.seed + k, formats=space.choices)
-            initial.append(space.assignment_of(units, plan_of(choice), model))
+    initial = [Start(f"uniform {c}", {u.name: c for u in units}) for c in space.choices]  # uniform baselines first
+    initial += [Start(f"plan {p}", space.assignment_of(units, Plan.parse(p), model)) for p in args.initial]
+    guided = []
+    if sens is not None:
+        guided = guided_starts(sens, space, units, SizeModel(space, units, model), config, count=args.starts, seed=args.seed)
+        initial += guided
     run_dir = Path(args.run_dir)
     trials = run_search(model, space, score, config, run_dir, meta=meta, resume=args.resume, initial=initial,
                         progress=not args.json)
     # multi-fidelity: re-score the best few on more windows, then the final table on the test split
-    from mixq.search.study import WeightCache, pareto_front
-
-    cache = WeightCache(model, [layer for u in units for layer in u.layers])
+    cache = WeightCache.for_space(model, space, units)
     top = sorted({json.dumps(t["assignment"], sort_keys=True): t for t in trials}.values(), key=lambda t: t["ppl"])[:5]
     for t in top:
         cache.apply(units, t["assignment"])
         t["rescore_ppl"] = perplexity(model, rescore, batch_size=batch).ppl
+    # the loop the weight cache replaces, timed on the same windows and plans in this process
+    timed = [t["assignment"] for t in top[:REQUANTIZE_TRIALS]]
+    cached_s = []
+    for a in timed:
+        t0 = time.perf_counter()
+        cache.apply(units, a)
+        perplexity(model, score, batch_size=batch)
+        cached_s.append(time.perf_counter() - t0)
     cache.restore()
+    requantize_s = requantize_seconds(model, space, units, timed, score, batch_size=batch)
     best = min(top, key=lambda t: t["rescore_ppl"])
     best_plan = Plan.from_dict(best["plan"])
     best_plan.save(run_dir / "best_plan.yaml")
 
-    def final(label: str, plan: Any) -> dict[str, Any]:
+    def final(label: str, plan: Any, calibration: Any = None) -> dict[str, Any]:
         from mixq.quantize import quantize_
 
         m = model if not plan.resolve(model) else copy.deepcopy(model)
+        t0 = time.perf_counter()
         if m is not model:
-            quantize_(m, plan)
+            quantize_(m, plan, calibration=calibration, device=device, batch_size=batch)
         rep = plan.size_report(model)
         row = {"label": label, "ppl": perplexity(m, test, batch_size=batch).ppl, "bits_per_weight": rep.bits_per_weight,
-               "size_bytes": rep.size_bytes}
+               "size_bytes": rep.size_bytes, "seconds": time.perf_counter() - t0}
         del m
         return row
 
@@ -95,10 +120,30 @@ def cmd_search(args: argparse.Namespace) -> int:
             rows.append(final(f"{name} uniform", Plan.uniform(name)))
         except PlanError:  # a format this model's rows cannot take (e.g. groups wider than a row)
             pass
-    if uniform:
-        top_uniform = max(uniform, key=lambda c: Plan.uniform(c).bits(model))
+    top_uniform = max(uniform, key=lambda c: Plan.uniform(c).bits(model)) if uniform else None
+    if top_uniform is not None:
         rows.append(final(f"heuristic: largest uniform that fits ({top_uniform})", Plan.uniform(top_uniform)))
+    scored = {name: t["ppl"] for t in trials if "start" in t for name in t["start"].split(" = ")}
+    best_uniform = min(uniform, key=lambda c: scored.get(f"uniform {c}", float("inf"))) if uniform else None
+    if best_uniform is not None and best_uniform != top_uniform and f"uniform {best_uniform}" in scored:
+        rows.append(final(f"best uniform that fits, by validation ppl ({best_uniform})", Plan.uniform(best_uniform)))
+    if guided:  # the first guided start, as the search began from it
+        rows.append(final(f"start: {guided[0].label}", space.plan(units, guided[0].assignment)))
     rows.append(final("best searched plan", best_plan))
+    solver = args.solver
+    if solver is not None and solver != space.solver:  # the best plan (and the uniform one it beats) re-solved
+        from mixq.cli import _calibration, _solver_options
+
+        opts = _solver_options(args)
+        plans = [("best searched plan", best_plan)]
+        if top_uniform is not None:
+            plans.append((f"{top_uniform} uniform", Plan.uniform(top_uniform)))
+        plans = [(label, p.with_solver(solver, opts)) for label, p in plans]
+        calib = _calibration(args, loaded.tokenizer, [p for _, p in plans])
+        described = " ".join([solver, *(f"{k}={v}" for k, v in opts.items())])
+        for label, p in plans:
+            say(args, f"re-solving {label} with {described}")
+            rows.append(final(f"{label}, re-solved with {described}", p, calib))
     if config.objective == "pareto":
         front = pareto_front(trials)
         (run_dir / "pareto_front.json").write_text(json.dumps(front, indent=2))
@@ -107,13 +152,22 @@ def cmd_search(args: argparse.Namespace) -> int:
             rows.append(final(f"front: {t['bits_per_weight']:.3f} bits/weight", Plan.from_dict(t["plan"])))
     budget = " and ".join(x for x in (f"≤ {config.max_bits} bits/weight" if config.max_bits else "",
                                       f"≤ {config.max_size:,} bytes" if config.max_size else "") if x)
+    proposed = [t for t in trials if t["source"] != "initial"]
     report = {"model": args.model, "backend": args.backend, "budget": budget or "none (Pareto front)", "rows": rows,
+              "space": space.to_dict(), "units": len(units),
               "score": f"{len(score)} validation windows × {args.seqlen} (re-scored on {len(rescore)})",
               "final": f"{len(test)} test windows × {args.seqlen}",
               "rejected": max((t.get("rejected_so_far", 0) for t in trials), default=0),
               "mean_eval_seconds": sum(t["eval_seconds"] for t in trials) / len(trials),
-              "mean_propose_seconds": sum(t["propose_seconds"] for t in trials) / len(trials),
-              "solver_note": f"{space.solver} for every trial and for the final plans (cached per layer and choice)",
+              "mean_propose_seconds": sum(t["propose_seconds"] for t in proposed) / max(len(proposed), 1),
+              "proposals": len(proposed),
+              "starts": [{"label": t["start"], "ppl": t["ppl"], "bits_per_weight": t["bits_per_weight"],
+                          "size_bytes": t["size_bytes"]} for t in trials if "start" in t],
+              "requantize": {"trials": len(timed), "requantize_seconds": requantize_s, "cached_seconds": cached_s,
+                             "load_seconds": load_seconds},
+              "solver_note": f"{space.solver} for every trial and for the final plans (cached per layer and choice)"
+                             + (f"; rows marked 're-solved' use {solver}" if solver and solver != space.solver else ""),
+              "search_versions": _versions("ax-platform", "botorch", "optuna"),
               "best": best, "provenance": provenance_record(args, identity, device)}
     write_report(run_dir, report, Store(run_dir).trials())
     if args.json:

@@ -16,11 +16,23 @@ def write_report(run_dir: Path, report: dict[str, Any], trials: list[dict[str, A
     lines = [f"# mixq search · {report['model']} · {report['backend']} · {len(trials)} trials", "",
              f"Budget: {report['budget']}. Scored on {report['score']}; final numbers on {report['final']}.",
              f"Proposals rejected as over budget (not counted as trials): {report['rejected']}.",
-             f"Trial time: {report['mean_eval_seconds']:.3f} s evaluation, {report['mean_propose_seconds']:.3f} s proposal "
-             "(mean per trial).", f"Solver: {report['solver_note']}", "",
-             "| plan | ppl (final) | bits/weight | size (bytes) |", "|---|---|---|---|"]
+             f"Trial time: {report['mean_eval_seconds']:.3f} s evaluation (mean per trial); "
+             f"{report['mean_propose_seconds']:.3f} s proposal (mean over the {report.get('proposals', len(trials))} "
+             "proposed trials, repair included).", f"Solver: {report['solver_note']}"]
+    req = report.get("requantize")
+    if req and req["trials"]:
+        naive, cached = sum(req["requantize_seconds"]) / req["trials"], sum(req["cached_seconds"]) / req["trials"]
+        lines.append(f"Without the weight cache a trial reloads the full-precision weights, requantizes every layer "
+                     f"and scores: {naive:.3f} s per trial against {cached:.3f} s with the cache "
+                     f"({naive / cached:.1f}x, {req['trials']} plans timed in this run; loading the model took "
+                     f"{req['load_seconds']:.1f} s).")
+    lines += ["", "| plan | ppl (final) | bits/weight | size (bytes) |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['ppl']:.3f} | {r['bits_per_weight']:.4f} | {r['size_bytes']:,} |")
+    if report.get("starts"):
+        lines += ["", "Starts (evaluated before the backend's proposals; ppl on the scoring windows):", "",
+                  "| start | ppl (scoring) | bits/weight |", "|---|---|---|"]
+        lines += [f"| {s['label']} | {s['ppl']:.3f} | {s['bits_per_weight']:.4f} |" for s in report["starts"]]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     _plots(run_dir, rows, trials)
 

@@ -2,10 +2,11 @@
 
 Every finished trial goes at once to the Optuna study (SQLite, ``study.db``) and to
 ``trials.jsonl`` (one JSON object per line) in the run directory; ``--resume`` reloads
-both and carries on, losing at most the trial in flight.  A proposal over the budget is
-rejected before it is evaluated (not counted toward the trials) and repaired: its most
-expensive units step down to cheaper choices until the plan fits; the repaired plan is
-evaluated and recorded as a trial of its own.
+both and carries on, losing at most the trial in flight.  Named starts (uniform plans,
+user plans, sensitivity-guided plans) are evaluated first and told to the backend.  A
+proposal over the budget is rejected before it is evaluated (not counted toward the
+trials) and repaired: its most expensive units step down to cheaper choices until the plan
+fits; the repaired plan is evaluated and recorded as a trial of its own.
 """
 
 from __future__ import annotations
@@ -25,8 +26,17 @@ from tqdm.auto import tqdm
 from mixq.errors import MixqError, PlanError
 from mixq.evaluate import perplexity
 from mixq.formats import parse_format
-from mixq.search.backends import check_backend, make_proposer
+from mixq.search.backends import Budget, Fallback, check_backend, make_proposer
 from mixq.search.space import SearchSpace, Unit
+from mixq.sensitivity.allocate import JITTER
+
+
+@dataclass(frozen=True)
+class Start:
+    """A trial evaluated before the backend proposes any: a name and an assignment."""
+
+    label: str
+    assignment: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -52,12 +62,14 @@ class WeightCache:
     """Fake-quantized weights per (layer, choice), computed once; a trial only swaps them in.
 
     Kept on the model's device. Only data-free solvers (RTN) are cached; calibrated
-    solvers are applied to the final plan (see the report).
+    solvers are applied to the final plan (see the report).  ``pinned`` layers (the space's
+    fixed ones) take their format in every trial.
     """
 
-    def __init__(self, model: nn.Module, layers: list[str]) -> None:
+    def __init__(self, model: nn.Module, layers: list[str], pinned: dict[str, str] | None = None) -> None:
         self.model = model
-        self.original = {n: model.get_submodule(n).weight.detach().clone() for n in layers}
+        self.pinned = dict(pinned or {})
+        self.original = {n: model.get_submodule(n).weight.detach().clone() for n in [*layers, *self.pinned]}
         self.cache: dict[tuple[str, str], Tensor] = {}
 
     def weight(self, layer: str, choice: str) -> Tensor:
@@ -72,11 +84,22 @@ class WeightCache:
         for u in units:
             for layer in u.layers:
                 self.model.get_submodule(layer).weight.data.copy_(self.weight(layer, assignment[u.name]))
+        for layer, choice in self.pinned.items():
+            self.model.get_submodule(layer).weight.data.copy_(self.weight(layer, choice))
 
     @torch.no_grad()
     def restore(self) -> None:
         for n, w in self.original.items():
             self.model.get_submodule(n).weight.data.copy_(w)
+
+    @classmethod
+    def for_space(cls, model: nn.Module, space: SearchSpace, units: list[Unit]) -> WeightCache:
+        """The cache of a space's searched layers, its fixed layers pinned to their formats."""
+        from mixq.plan import Plan
+
+        searched = [n for u in units for n in u.layers]
+        fixed = Plan(space.fixed).resolve(model) if space.fixed else {}
+        return cls(model, searched, {n: spec.format.name for n, spec in fixed.items() if n not in searched})
 
 
 def _cost_order(space: SearchSpace, shape: tuple[int, int]) -> list[str]:
@@ -129,6 +152,7 @@ class SizeModel:
         opts = solver.options({})
         self.units = units
         self.bits: dict[tuple[str, str], int] = {}
+        self.params = {u.name: sum(model.get_submodule(n).weight.numel() for n in u.layers) for u in units}
         for u in units:
             for c in space.choices:
                 fmt = parse_format(c)
@@ -145,6 +169,17 @@ class SizeModel:
     def __call__(self, assignment: dict[str, str]) -> tuple[float, int]:
         q = self.fixed_bits + sum(self.bits[(u.name, assignment[u.name])] for u in self.units)
         return q / self.weights, math.ceil((q + self.other_bits) / 8)
+
+    def budget(self, config: SearchConfig) -> Budget:
+        """The budget as a bound on the searched units' summed bits (exactly ``config.budget_ok``:
+        the whole model's bytes are the ceiling of its bits / 8)."""
+        limits = []
+        if config.max_bits is not None:
+            limits.append((config.max_bits + 1e-12) * self.weights - self.fixed_bits)
+        if config.max_size is not None:
+            limits.append(8 * config.max_size - self.other_bits - self.fixed_bits)
+        bits = {u.name: {c: b for (n, c), b in self.bits.items() if n == u.name} for u in self.units}
+        return Budget(bits, dict(self.params), min(limits) if limits else None)
 
 
 def mutate(space: SearchSpace, units: list[Unit], parent: dict[str, str], fits, rng: random.Random,  # type: ignore[no-untyped-def]
@@ -222,9 +257,12 @@ class Store:
 
 
 def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, config: SearchConfig, run_dir: Path, *,
-               meta: dict[str, Any], resume: bool = False, initial: list[dict[str, str]] | None = None,
+               meta: dict[str, Any], resume: bool = False, initial: list[Start] | None = None,
                progress: bool = True) -> list[dict[str, Any]]:
-    """Run (or resume) a study; returns every finished trial record."""
+    """Run (or resume) a study; returns every finished trial record.
+
+    ``initial`` trials come first (repaired if over budget, each assignment once); their
+    records carry ``source: "initial"`` and ``start: <label>``."""
     units = space.units(model)
     size = SizeModel(space, units, model)
     check_budget(space, units, size, config)
@@ -236,30 +274,39 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
     rng = random.Random(config.seed + len(done))
     proposer = make_proposer(config.backend, seed=config.seed, units=[u.name for u in units], choices=list(space.choices),
                              storage=store.storage_url(), resume=resume, history=done,
-                             step=lambda parent: mutate(space, units, parent, fits, rng), objectives=config.objectives)
-    cache = WeightCache(model, [layer for u in units for layer in u.layers])
+                             step=lambda parent: mutate(space, units, parent, fits, rng), objectives=config.objectives,
+                             budget=size.budget(config))
+    cache = WeightCache.for_space(model, space, units)
     seen = {json.dumps(t["assignment"], sort_keys=True) for t in done}
     rejected = done[-1]["rejected_so_far"] if done else 0
-    queue = []  # initial trials (uniform baselines, user plans, sensitivity starts), repaired if over budget
-    for a in initial or []:
-        a = a if fits(a) else repair(space, units, a, fits)
+    queued: dict[str, Start] = {}  # one trial per assignment; starts that coincide share it (labels joined)
+    for start in initial or []:
+        a, label = start.assignment, start.label
+        if not fits(a):
+            a, label = repair(space, units, a, fits), f"{label} (repaired to fit)"
         key = json.dumps(a, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            queue.append(a)
+        if key in queued:
+            queued[key] = Start(f"{queued[key].label} = {label}", a)
+        elif key not in seen:
+            queued[key] = Start(label, a)
+    queue = list(queued.values())
     best = min((t["ppl"] for t in done), default=math.inf)
     bar = tqdm(total=config.trials, initial=len(done), desc="search", disable=not progress)
     try:
         while len(done) < config.trials:
             t0 = time.perf_counter()
-            handle = None
+            handle, label = None, None
             if queue:
-                assignment, source = queue.pop(0), "initial"
+                start = queue.pop(0)
+                assignment, source, label = start.assignment, "initial", start.label
             else:
                 assignment, handle = proposer.ask()
                 source = config.backend
+                if isinstance(handle, Fallback):  # the backend could not propose: a random plan instead
+                    source, handle = "random", None
                 if not fits(assignment):
-                    proposer.reject(handle)
+                    if handle is not None:
+                        proposer.reject(handle)
                     rejected += 1
                     assignment, source, handle = repair(space, units, assignment, fits), "repaired", None
             propose_s = time.perf_counter() - t0
@@ -271,6 +318,8 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
             record = {"number": len(done), "assignment": assignment, "plan": space.plan(units, assignment).to_dict(),
                       "ppl": ppl, "bits_per_weight": bits, "size_bytes": nbytes, "source": source,
                       "propose_seconds": propose_s, "eval_seconds": eval_s, "rejected_so_far": rejected}
+            if label is not None:
+                record["start"] = label
             store.append(record)  # the plain store first: it is what a resumed study counts
             values = (ppl, float(nbytes))[: config.objectives]
             if handle is not None:
@@ -287,4 +336,50 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
     return done
 
 
-__all__ = ["SearchConfig", "Store", "WeightCache", "repair", "run_search"]
+def guided_starts(sens: dict[str, Any], space: SearchSpace, units: list[Unit], size: SizeModel, config: SearchConfig, *,
+                  count: int, seed: int, jitter: float = JITTER) -> list[Start]:
+    """``count`` starts from a sensitivity file (``mixq sensitivity``): the allocation with the
+    least predicted damage over the space's units within the budget, then variants with
+    costs jittered by exp(N(0, jitter)).  None without a budget (a Pareto search)."""
+    from mixq.sensitivity.allocate import allocate_units, unit_costs
+
+    budget = size.budget(config)
+    if budget.limit is None:
+        return []
+    costs = unit_costs(sens, {u.name: u.layers for u in units}, space.choices)
+    method = next((m for m in ("measured", "fit", "hessian") if m in sens.get("methods_done", [])), "scores")
+    method = "measured KL" if method == "measured" else method
+    starts = []
+    for k in range(count):
+        choice = allocate_units(costs, budget.bits, budget.limit, jitter=0.0 if k == 0 else jitter, seed=seed + k)
+        starts.append(Start(f"guided: greedy on {method}" + ("" if k == 0 else f", costs jittered (seed {seed + k})"), choice))
+    return starts
+
+
+@torch.no_grad()
+def requantize_seconds(model: nn.Module, space: SearchSpace, units: list[Unit], assignments: list[dict[str, str]],
+                       score_windows: Tensor, *, batch_size: int) -> list[float]:
+    """Seconds per trial of the loop the weight cache replaces: put the full-precision weights
+    back (from a copy in host memory), quantize every searched layer from scratch, score."""
+    from mixq.quantize import quantize_
+
+    plans = [space.plan(units, a) for a in assignments]
+    layers = {n for p in plans for n in p.resolve(model)}
+    host = {n: model.get_submodule(n).weight.detach().to("cpu", copy=True) for n in layers}
+    out = []
+    try:
+        for plan in plans:
+            t = time.perf_counter()
+            for n, w in host.items():
+                model.get_submodule(n).weight.copy_(w)
+            quantize_(model, plan.with_solver("rtn"))
+            perplexity(model, score_windows, batch_size=batch_size)
+            out.append(time.perf_counter() - t)
+    finally:
+        for n, w in host.items():
+            model.get_submodule(n).weight.copy_(w)
+    return out
+
+
+__all__ = ["SearchConfig", "SizeModel", "Start", "Store", "WeightCache", "guided_starts", "repair",
+           "requantize_seconds", "run_search"]

@@ -136,7 +136,7 @@ def _sensitivity_outputs(args: argparse.Namespace, sens: dict[str, Any], out: Pa
 
 
 def cmd_allocate(args: argparse.Namespace) -> int:
-    from mixq.sensitivity.allocate import allocate, plan_of
+    from mixq.sensitivity.allocate import JITTER, allocate, plan_of
 
     path = Path(args.sens)
     if not path.is_file():
@@ -145,7 +145,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     max_size = None if args.max_size is None else parse_size(args.max_size)
     out = Path(args.out)
     for k in range(max(args.starts, 1)):
-        choice = allocate(sens, max_bits=args.max_bits, max_size=max_size, jitter=0.0 if k == 0 else 0.5, seed=args.seed + k)
+        choice = allocate(sens, max_bits=args.max_bits, max_size=max_size, jitter=0.0 if k == 0 else JITTER,
+                          seed=args.seed + k)
         target = out if k == 0 else out.with_name(f"{out.stem}-{k}{out.suffix}")
         plan_of(choice).save(target)
         params = sum(d["params"] for d in sens["layers"].values())
