@@ -14,15 +14,16 @@
 # Usage: bench/search_gpu.sh MODEL DATA_DIR OUT_DIR   (MODEL: smollm2-135m or its GGUF file)
 # OUT_DIR receives search_h100.md, search_best_vs_trial.png, search_runs.tar.gz (every report,
 # trial log and sensitivity file: untar it in bench/results/ and rerun the summary) and search_log.txt.
-# MIXQ_BENCH_SMOKE=1 runs the same steps at toy sizes (a check of the script on a CPU, minutes);
-# PYTHON names the interpreter (default python3).
+# MIXQ_BENCH_SMOKE=1 runs the same steps at toy sizes (a check of the script on a CPU); PYTHON names
+# the interpreter (default python3); MIXQ_BENCH_WORK names the work folder (default: a new temporary
+# one): run again with the same folder, the sensitivity file is reused and the studies start over.
 set -euo pipefail
 model=$1; data=$2; out=$3
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-work=$(mktemp -d "${TMPDIR:-/tmp}/mixq_search.XXXXXX")
+work=${MIXQ_BENCH_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/mixq_search.XXXXXX")}
 runs="$work/search"
 mkdir -p "$runs"
 log="$out/search_log.txt"
@@ -50,6 +51,7 @@ say "sensitivity done ($((SECONDS - start)) s)"
 
 study() {  # name, backend, space, budget flags and extra flags...
   local name=$1 backend=$2 space=$3; shift 3
+  rm -rf "${work:?}/$name"
   mixq search --model "$model" --data-dir "$data" --backend "$backend" --space "$root/bench/$space" \
     --trials "$trials" --seqlen "$seqlen" --limit "$limit" "${final[@]}" --sens "$runs/sens_measured.json" \
     --run-dir "$work/$name" --json "${device[@]}" "$@" > "$work/$name.out" 2> "$work/$name.err"

@@ -67,15 +67,18 @@ def main() -> None:
         raise SystemExit(f"no *_report.json in {runs}")
     trials = {n: _trials(runs / f"{n}_trials.jsonl") for n in reports}
     bench = json.loads((runs / "bench.json").read_text()) if (runs / "bench.json").is_file() else {}
-    prov = next(iter(reports.values()))["provenance"]
+    first = next(iter(reports.values()))
+    prov = first["provenance"]
     lines = [f"# Mixed-precision search on SmolLM2-135M, one {prov['device']} ({prov['date'][:10]})", ""]
     took = f", {bench['seconds'] / 60:.1f} minutes in all" if "seconds" in bench else ""
     host = f" on a host of {bench['cpus']} CPU cores" if "cpus" in bench else ""
     lines += [f"Command: `{bench.get('command', 'bench/search_gpu.sh MODEL DATA OUT')}`{host}{took}; then "
-              "`python3 bench/summarize_search.py`. RTN for every trial; fp16; the base is the GGUF's dequantised "
+              f"`python3 bench/summarize_search.py`. RTN for every trial; {first.get('dtype', 'float16')}; the base is the "
+              "GGUF's dequantised "
               f"weights; torch {prov['versions'].get('torch')}, "
-              + ", ".join(f"{k} {v}" for k, v in (next(iter(reports.values())).get("search_versions") or {}).items())
-              + ". The four studies ran at the same time on the one GPU (their evaluation times include that sharing).",
+              + ", ".join(f"{k} {v}" for k, v in (first.get("search_versions") or {}).items())
+              + f". The {len(reports)} studies ran at the same time on the one device (their evaluation times include "
+              "that sharing).",
               ""]
     sens_path = runs / "sens_measured.json"
     if sens_path.is_file():
@@ -132,16 +135,19 @@ def _plot(reports: dict[str, Any], trials: dict[str, list[dict[str, Any]]], path
             for t in trials[name]:
                 best = min(best, t["ppl"])
                 curve.append(best)
-            ax.plot(range(1, len(curve) + 1), curve, label=f"{name} ({r.get('space', {}).get('granularity', '?')})")
+            line, = ax.plot(range(1, len(curve) + 1), curve, label=f"{name} ({r.get('space', {}).get('granularity', '?')})")
+            first = next((i + 1 for i, t in enumerate(trials[name]) if t["source"] != "initial"), None)
+            if first is not None:  # the starts end here; the backend's proposals follow
+                ax.axvline(first, color=line.get_color(), linestyle=":", alpha=0.6)
             base = _baseline(r)
             if base is not None:
                 fmt = base["label"].split("(")[-1].rstrip(")")
                 uniform = (fmt, _start_ppl(r, f"uniform {fmt}"))
         if uniform is not None and uniform[1] is not None:
             ax.axhline(uniform[1], color="gray", linestyle="--", label=f"uniform {uniform[0]}")
-            ax.set_ylim(top=1.5 * uniform[1])  # the first starts (uniform 2-bit plans) are far above
+            ax.set_ylim(top=1.5 * uniform[1])  # the first starts (the cheapest uniform plans) are far above
         ax.set_title(f"budget {budget}", fontsize=9)
-        ax.set_xlabel("trial")
+        ax.set_xlabel("trial (dotted: the first proposal after the starts)")
         ax.set_ylabel("best validation ppl so far (scoring windows)")
         ax.legend(fontsize=7)
     fig.tight_layout()

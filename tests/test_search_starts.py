@@ -154,6 +154,22 @@ def test_search_cli_names_the_starts_and_re_solves_the_best_plan(tiny_dir, data_
     assert req["trials"] >= 1 and len(req["requantize_seconds"]) == len(req["cached_seconds"]) == req["trials"]
     md = (run_dir / "report.md").read_text()
     assert "Starts (evaluated before" in md and "reloads the full-precision weights" in md
+    # the bench summary reads the same files (bench/search_gpu.sh copies them under these names)
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copy(run_dir / "report.json", runs / "ax_block_report.json")
+    shutil.copy(run_dir / "trials.jsonl", runs / "ax_block_trials.jsonl")
+    shutil.copy(sens, runs / "sens_measured.json")
+    script = Path(__file__).resolve().parents[1] / "bench" / "summarize_search.py"
+    subprocess.run([sys.executable, str(script), "--runs", str(runs), "--out", str(tmp_path)], check=True)
+    summary = (tmp_path / "search_h100.md").read_text()
+    assert "| ax_block (ax) | block | ≤ 4.5 bits/weight |" in summary and "reload-and-requantize loop" in summary
+    assert (tmp_path / "search_best_vs_trial.png").stat().st_size > 1000
 
 
 def test_a_failed_ax_proposal_becomes_a_random_trial(model, score, tmp_path, monkeypatch, capsys):
@@ -169,3 +185,16 @@ def test_a_failed_ax_proposal_becomes_a_random_trial(model, score, tmp_path, mon
     assert [t["source"] in ("random", "repaired") for t in trials] == [True] * 3
     assert all(t["bits_per_weight"] <= 4.0 for t in trials)
     assert "Ax could not propose (RuntimeError: no candidate)" in capsys.readouterr().err
+
+
+def test_neighbours_of_the_trials_meet_the_budget():
+    from mixq.search.backends import neighbours
+
+    levels = [torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64)] * 3
+    budget = [(torch.tensor([0, 1, 2]), torch.tensor([-1.0, -1.0, -1.0]), -9.0)]  # x0 + x1 + x2 <= 9
+    X = torch.tensor([[3.0, 3.0, 3.0], [2.0, 2.0, 2.0]], dtype=torch.float64)
+    C = neighbours(X, levels, budget, random_points=0)
+    assert len(C) and (C.sum(-1) <= 9).all()
+    assert not any(torch.equal(c, x) for c in C for x in X)
+    assert any(torch.equal(c, torch.tensor([4.0, 2.0, 3.0], dtype=torch.float64)) for c in C)  # one up, one down
+    assert len(torch.unique(C, dim=0)) == len(C)

@@ -154,6 +154,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                                       f"≤ {config.max_size:,} bytes" if config.max_size else "") if x)
     proposed = [t for t in trials if t["source"] != "initial"]
     report = {"model": args.model, "backend": args.backend, "budget": budget or "none (Pareto front)", "rows": rows,
+              "dtype": dtype,
               "space": space.to_dict(), "units": len(units),
               "score": f"{len(score)} validation windows × {args.seqlen} (re-scored on {len(rescore)})",
               "final": f"{len(test)} test windows × {args.seqlen}",

@@ -32,8 +32,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
         # TF32 matrix products (10-bit mantissa) for the gradients: far below the estimators' sampling error.
         torch.backends.cuda.matmul.allow_tf32 = True
-    say(args, f"loading {args.model} ({dtype}, {device}, eager attention)")
-    loaded = load_model(args.model, dtype=dtype, device=device, attn_implementation="eager")
+    attention = "eager" if "hessian" in methods else None  # SDPA has no double backward; it is faster otherwise
+    say(args, f"loading {args.model} ({dtype}, {device}, {attention or 'default'} attention)")
+    loaded = load_model(args.model, dtype=dtype, device=device, attn_implementation=attention)
     model = loaded.model
     layers = list(quantizable_layers(model))
     if not layers:
