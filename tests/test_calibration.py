@@ -131,8 +131,14 @@ def test_cli_outliers_size_and_errors(capsys, tiny_dir, text_file):
     code, out, _ = _cli(capsys, *base, "--solver", "quantease", "--outliers", "0.01", "--option", "iterations=2")
     plain = json.loads(_cli(capsys, *base)[1])
     assert code == 0 and json.loads(out)["bits_per_weight"] > plain["bits_per_weight"]  # outliers are counted
-    code, _, err = _cli(capsys, *base, "--solver", "gptq", "--outliers", "0.01")
-    assert code == 2 and "keeps no outliers" in err
+    code, out_g, _ = _cli(capsys, *base, "--solver", "gptq", "--outliers", "0.01")
+    assert code == 0 and json.loads(out_g)["bits_per_weight"] == json.loads(out)["bits_per_weight"]  # same storage
+    code, out_r, _ = _cli(capsys, *base, "--solver", "rtn", "--outliers", "0.01")
+    assert code == 0 and json.loads(out_r)["bits_per_weight"] == json.loads(out)["bits_per_weight"]
+    code, _, err = _cli(capsys, *base, "--solver", "rtn", "--outliers", "1.5")
+    assert code == 2 and "outliers must be a fraction in [0, 1)" in err
+    code, _, err = _cli(capsys, *base, "--solver", "gptq", "--outliers", "0.01", "--option", "keep_columns=0.01")
+    assert code == 2 and "outliers or keep_columns, not both" in err
     code, _, err = _cli(capsys, *base, "--structured")
     assert code == 2 and "--structured needs --outliers" in err
     code, _, err = _cli(capsys, *base, "--solver", "gptq", "--seqlen", "100000")

@@ -29,7 +29,7 @@ def _shared(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", action="store_true", help="print one JSON object per result on stdout")
     c = p.add_argument_group("solvers and calibration")
     c.add_argument("--solver", default=None, help="rtn, gptq, quantease, gptq+quantease (default: the plan's, else rtn)")
-    c.add_argument("--outliers", type=float, default=None, help="outlier-aware QuantEase: fraction of weights kept in 16 bits (e.g. 0.01)")
+    c.add_argument("--outliers", type=float, default=None, help="fraction of weights kept in 16 bits (e.g. 0.01): rtn and gptq keep the most salient, quantease moves them (Algorithm 3)")
     c.add_argument("--structured", action="store_true", help="with --outliers: whole columns")
     c.add_argument("--keep-columns", type=float, default=None, help="GPTQ: fraction of input columns (largest activations) kept in 16 bits")
     c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="solver option for every layer (e.g. act_order=true)")
@@ -63,8 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
     _shared(e)
     se = sub.add_parser("search", help="search per-layer formats under a size budget")
     se.add_argument("--space", default=None, help="search space file (YAML/JSON); default: block granularity, int2..int8")
-    se.add_argument("--objective", default="ppl", choices=["ppl", "pareto"],
-                    help="ppl: lowest perplexity on validation windows within the budget; pareto: the perplexity/size front")
+    se.add_argument("--objective", default="ppl", choices=["ppl", "pareto", "acc"],
+                    help="ppl: lowest perplexity on validation windows within the budget (with --min-acc: among plans "
+                         "accurate enough); pareto: the perplexity/size front; acc: highest mean zero-shot accuracy over "
+                         "--tasks within the budget")
+    se.add_argument("--tasks", default=None,
+                    help="comma-separated zero-shot tasks (arc_easy, piqa, lambada_openai, copa, openbook_qa, siqa from "
+                         "the data directory, or lm-eval task names), scored in every trial on the first --task-limit "
+                         "examples of each and in the final table; needed by --objective acc and --min-acc")
+    se.add_argument("--task-limit", type=int, default=200, metavar="N",
+                    help="examples of each task per trial: the first N, the same in every trial (default 200)")
+    se.add_argument("--task-metric", default="acc", choices=["acc", "acc_norm"],
+                    help="the per-task accuracy averaged over --tasks into a trial's acc: acc (the choice of highest "
+                         "log-likelihood) or acc_norm (lm-eval's, log-likelihood per character); default acc")
+    se.add_argument("--min-acc", type=float, default=None, metavar="X",
+                    help="with --objective ppl: a plan whose mean accuracy over --tasks (on the trial subset) is below X "
+                         "(0..1) is infeasible: recorded, never the best")
+    se.add_argument("--final-task-limit", type=int, default=None, metavar="N",
+                    help="examples of each task in the final table (default: all)")
     se.add_argument("--max-size", default=None, help="model size budget, e.g. 100MB, 95MiB, 1.5GB or bytes")
     se.add_argument("--max-bits", type=float, default=None, help="average bits per quantized weight budget")
     se.add_argument("--backend", default="tpe", help="tpe, nsga2, nsga3, qmc, random, gp (Optuna), ax (Bayesian optimisation), evo (local search)")

@@ -21,7 +21,9 @@ from torch import Tensor
 
 from mixq.errors import MixqError, PlanError
 from mixq.formats import Format
+from mixq.solvers import kernels
 from mixq.solvers.grid import ColumnGrid
+from mixq.solvers.outliers import check_fraction, column_outlier_bits, outlier_bits, salient
 from mixq.solvers.registry import SolveResult, register_solver
 from mixq.solvers.rtn import layer_loss
 
@@ -33,6 +35,8 @@ class GPTQOptions:
     act_order: bool = False  # quantize columns in order of decreasing Gram diagonal
     static_groups: bool = False  # fit every group on the original weight before solving
     keep_columns: float = 0.0  # LLM.int8()-style: fraction of input columns (largest input RMS) kept in 16 bits
+    outliers: float = 0.0  # fraction of weights (of columns, if structured) kept in 16 bits, the rest solved
+    structured: bool = False  # outliers as whole columns
 
     def __post_init__(self) -> None:
         if not 0 <= self.damp < 1:
@@ -41,15 +45,14 @@ class GPTQOptions:
             raise PlanError(f"gptq: block_size must be positive, got {self.block_size}")
         if not 0 <= self.keep_columns < 1:
             raise PlanError(f"gptq: keep_columns must be a fraction in [0, 1), got {self.keep_columns}")
-
-
-def column_outlier_bits(rows: int, columns: int) -> int:
-    """Whole columns kept in 16 bits, each with a 32-bit column index."""
-    return columns * (rows * 16 + 32)
+        check_fraction("gptq", self.outliers)
+        if self.outliers and self.keep_columns:
+            raise PlanError("gptq: choose outliers or keep_columns, not both")
 
 
 def _gptq_extra_bits(options: GPTQOptions, shape: tuple[int, int]) -> int:
-    return column_outlier_bits(shape[0], round(options.keep_columns * shape[1]))
+    return (column_outlier_bits(shape[0], round(options.keep_columns * shape[1]))
+            + outlier_bits(options.outliers, options.structured, shape))
 
 
 def inverse_cholesky(gram: Tensor, damp: float) -> Tensor:
@@ -98,20 +101,46 @@ def solve_gptq(weight: Tensor, fmt: Format, gram: Tensor | None, options: GPTQOp
         raise PlanError("gptq needs a Gram matrix (calibration data)")
     w, h = prepare(weight, gram)
     rows, cols = w.shape
+    # weights kept in 16 bits: the loudest input columns (keep_columns) or the most salient
+    # weights (outliers); they take GPTQ's running value (error 0) and stay out of the grids' fits
+    n_keep = round(options.keep_columns * cols)
+    keep = None
+    if n_keep:
+        keep = torch.zeros_like(w, dtype=torch.bool)
+        keep[:, torch.topk(torch.diag(gram.float()), n_keep).indices] = True
+    elif options.outliers:
+        keep = salient(w, h, options.outliers, options.structured) != 0
     grid = ColumnGrid.of(fmt, cols)
     static = options.static_groups or options.act_order or fmt.per_tensor or grid.width == cols
     if static:
-        grid.fit_all(w)
+        grid.fit_all(w if keep is None else w.masked_fill(keep, 0))
         blocks = [(a, min(a + options.block_size, cols)) for a in range(0, cols, options.block_size)]
     else:
         blocks = aligned_blocks(cols, grid.width, options.block_size)
     perm = torch.argsort(torch.diag(h), descending=True) if options.act_order else torch.arange(cols, device=w.device)
     w, h = w[:, perm], h[perm][:, perm]
+    keep_p = None if keep is None else keep[:, perm].contiguous()
     hinv = inverse_cholesky(h, options.damp)
     q = torch.zeros_like(w)
     order = perm.tolist()
-    n_keep = round(options.keep_columns * cols)
-    kept = set(torch.topk(torch.diag(gram.float()), n_keep).indices.tolist()) if n_keep else set()
+    if kernels.available(fmt, w.device):
+        _fused_columns(w, hinv, q, grid, blocks, static, order, keep_p)
+    else:
+        _eager_columns(w, hinv, q, grid, blocks, static, order, keep_p)
+    q = q[:, torch.argsort(perm)]
+    qt = grid.qtensor(q)
+    w_hat = fmt.dequantize(qt)
+    outliers = None
+    if keep is not None:
+        outliers = torch.where(keep, q - w_hat, torch.zeros_like(w_hat))
+        w_hat = w_hat + outliers
+    return SolveResult(qt, w_hat, layer_loss(weight, w_hat, gram), outliers)
+
+
+def _eager_columns(w: Tensor, hinv: Tensor, q: Tensor, grid: ColumnGrid, blocks: list[tuple[int, int]], static: bool,
+                   order: list[int], keep: Tensor | None) -> None:
+    """The column loop in PyTorch: ``q`` receives the solved columns (``w`` is consumed);
+    entries where ``keep`` is set keep their running value."""
     for a, b in blocks:
         w1 = w[:, a:b].clone()
         err1 = torch.zeros_like(w1)
@@ -123,22 +152,39 @@ def solve_gptq(weight: Tensor, fmt: Format, gram: Tensor | None, options: GPTQOp
                 n = grid.span(g)[1] - col
                 # blocks are aligned to groups: a group inside this block is current in w1;
                 # a group longer than the block starts with it, and w is current there
-                grid.fit(g, w1[:, i : i + n] if i + n <= b - a else w[:, a : a + n])
+                src = w1[:, i : i + n] if i + n <= b - a else w[:, a : a + n]
+                grid.fit(g, src if keep is None else src.masked_fill(keep[:, a + i : a + i + src.shape[1]], 0))
             wi = w1[:, i]
-            qi = wi if col in kept else grid.round(col, wi)
+            qi = grid.round(col, wi)
+            if keep is not None:
+                qi = torch.where(keep[:, a + i], wi, qi)
             q[:, a + i] = qi
             e = (wi - qi) / hinv1[i, i]
             w1[:, i:].sub_(e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0))
             err1[:, i] = e
         w[:, b:].sub_(err1 @ hinv[a:b, b:])
-    inv = torch.argsort(perm)
-    q = q[:, inv]
-    qt = grid.qtensor(q)
-    w_hat = fmt.dequantize(qt)
-    outliers = None
-    if kept:
-        cols_kept = sorted(kept)
-        outliers = torch.zeros_like(w_hat)
-        outliers[:, cols_kept] = weight.float()[:, cols_kept] - w_hat[:, cols_kept]
-        w_hat = w_hat + outliers
-    return SolveResult(qt, w_hat, layer_loss(weight, w_hat, gram), outliers)
+
+
+def _fused_columns(w: Tensor, hinv: Tensor, q: Tensor, grid: ColumnGrid, blocks: list[tuple[int, int]], static: bool,
+                   order: list[int], keep: Tensor | None) -> None:
+    """The same loop with one fused kernel launch per block (``kernels``)."""
+    rows, cols = w.shape
+    hinv = hinv.contiguous()  # LAPACK's factor may come column-major
+    fused = kernels.FusedGrid(grid.fmt, rows, len(grid.params), torch.tensor([grid.group_of(c) for c in order]), w.device)
+    if static:
+        for g, p in enumerate(grid.params):
+            fused.set(g, p)  # type: ignore[arg-type]
+    keep8 = torch.zeros(1, cols, dtype=torch.int8, device=w.device) if keep is None else keep.to(torch.int8)
+    err = torch.empty(rows, max(b - a for a, b in blocks), dtype=w.dtype, device=w.device)
+    for a, b in blocks:
+        if not static:  # groups start on block edges (aligned_blocks), where w is current
+            for col in range(a, b):
+                if col % grid.width == 0:
+                    g = grid.group_of(col)
+                    end = grid.span(g)[1]
+                    grid.fit(g, w[:, col:end] if keep is None else w[:, col:end].masked_fill(keep[:, col:end], 0))
+                    fused.set(g, grid.params[g])  # type: ignore[arg-type]
+        e = err[:, : b - a]
+        kernels.sweep_block(0, w[:, a:b], q[:, a:b], e, hinv[a:b, a:], fused, keep8, a)
+        if b < cols:
+            w[:, b:].sub_(e @ hinv[a:b, b:])

@@ -24,7 +24,10 @@ from torch import Tensor
 
 from mixq.errors import PlanError
 from mixq.formats import Format
-from mixq.solvers.gptq import GPTQOptions, column_outlier_bits, prepare, solve_gptq
+from mixq.solvers import kernels
+from mixq.solvers.gptq import GPTQOptions, prepare, solve_gptq
+from mixq.solvers.outliers import (  # noqa: F401  (re-exported)
+    check_fraction, hard_threshold, outlier_bits, outlier_count, salient, sparse_outlier_bits)
 from mixq.solvers.grid import ColumnGrid
 from mixq.solvers.registry import SolveResult, register_solver
 from mixq.solvers.rtn import layer_loss
@@ -46,21 +49,13 @@ class QuantEaseOptions:
             raise PlanError(f"quantease: iterations must be at least 1, got {self.iterations}")
         if self.block_size < 1:
             raise PlanError(f"quantease: block_size must be positive, got {self.block_size}")
-        if not 0 <= self.outliers < 1:
-            raise PlanError(f"quantease: outliers must be a fraction in [0, 1), got {self.outliers}")
+        check_fraction("quantease", self.outliers)
 
 
-def sparse_outlier_bits(rows: int, entries: int, cols: int) -> int:
-    """CSR storage: a 16-bit value and a column index per entry, 32-bit row offsets."""
-    index_bits = 16 if cols <= 2**16 else 32
-    return entries * (16 + index_bits) + (rows + 1) * 32 if entries else 0
 
 
 def _extra_bits(options: QuantEaseOptions, shape: tuple[int, int]) -> int:
-    if options.outliers == 0:
-        return 0
-    n = outlier_count(options.outliers, shape, options.structured)
-    return column_outlier_bits(shape[0], n) if options.structured else sparse_outlier_bits(shape[0], n, shape[1])
+    return outlier_bits(options.outliers, options.structured, shape)
 
 
 def relaxed(it: int, iterations: int) -> bool:
@@ -107,14 +102,37 @@ class Sweeper:
     def __init__(self, target: Tensor, sigma: Tensor, grid: ColumnGrid, w_hat: Tensor, *, block_size: int,
                  graphs: bool = True) -> None:
         self.target, self.grid, self.w_hat, self.block_size = target, grid, w_hat, block_size
-        self.sigma_n = sigma / torch.diag(sigma).unsqueeze(0)
-        self.use_graphs = graphs and target.is_cuda
+        self.sigma_n = (sigma / torch.diag(sigma).unsqueeze(0)).contiguous()
+        self.fused = None
+        if kernels.available(grid.fmt, target.device):  # one kernel launch per block of columns
+            rows, cols = target.shape
+            self.fused = kernels.FusedGrid(grid.fmt, rows, len(grid.params),
+                                           torch.arange(cols) // grid.width, target.device)
+            for g, p in enumerate(grid.params):
+                self.fused.set(g, p)  # type: ignore[arg-type]
+            self.keep = torch.zeros(1, cols, dtype=torch.int8, device=target.device)
+            self.d = torch.empty(rows, min(block_size, cols), dtype=target.dtype, device=target.device)
+        self.use_graphs = graphs and target.is_cuda and self.fused is None
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+
+    def _fused(self, quantize: bool) -> None:
+        assert self.fused is not None
+        cols = self.target.shape[1]
+        r = (self.target - self.w_hat) @ self.sigma_n
+        for a in range(0, cols, self.block_size):
+            b = min(a + self.block_size, cols)
+            d = self.d[:, : b - a]
+            kernels.sweep_block(1, r[:, a:b], self.w_hat[:, a:b], d, self.sigma_n[a:b, a:], self.fused, self.keep, a,
+                                quantize=quantize)
+            if b < cols:
+                r[:, b:].addmm_(d, self.sigma_n[a:b, b:])
 
     def _eager(self, quantize: bool) -> None:
         sweep(self.target, self.sigma_n, self.grid, self.w_hat, quantize=quantize, block_size=self.block_size)
 
     def __call__(self, quantize: bool) -> None:
+        if self.fused is not None:
+            return self._fused(quantize)
         if not self.use_graphs:
             return self._eager(quantize)
         if quantize not in self.graphs:
@@ -153,24 +171,8 @@ def coordinate_descent(w: Tensor, sigma: Tensor, grid: ColumnGrid, w_hat: Tensor
     return best
 
 
-def hard_threshold(x: Tensor, keep: int, structured: bool) -> Tensor:
-    """Projection onto matrices with ``keep`` non-zero entries (or whole columns)."""
-    out = torch.zeros_like(x)
-    if keep <= 0:
-        return out
-    if structured:
-        cols = torch.topk(x.norm(dim=0), keep).indices
-        out[:, cols] = x[:, cols]
-    else:
-        idx = torch.topk(x.abs().flatten(), keep).indices
-        out.view(-1)[idx] = x.view(-1)[idx]
-    return out
 
 
-def outlier_count(fraction: float, shape: tuple[int, int], structured: bool) -> int:
-    """Outliers kept: entries (unstructured) or whole columns (structured)."""
-    rows, cols = shape
-    return round(fraction * cols) if structured else round(fraction * rows * cols)
 
 
 def outlier_aware(w: Tensor, sigma: Tensor, fmt: Format, *, start: Callable[[Tensor], tuple[Tensor, ColumnGrid]],
@@ -186,9 +188,7 @@ def outlier_aware(w: Tensor, sigma: Tensor, fmt: Format, *, start: Callable[[Ten
     first value and its grid (RTN, or GPTQ's).
     """
     keep = outlier_count(fraction, tuple(w.shape), structured)
-    salience = w * torch.diag(sigma).sqrt().unsqueeze(0)
-    mask = hard_threshold(salience, keep, structured) != 0
-    h = torch.where(mask, w, torch.zeros_like(w))
+    h = salient(w, sigma, fraction, structured)
     q, grid = start(w - h)
     q = q.clone()
     target = w - h
