@@ -3,14 +3,14 @@
 A proposer suggests assignments (unit name -> choice) and learns from results:
 
     assignment, handle = proposer.ask()      # a proposal (may be over budget)
-    proposer.tell(handle, values)            # its objectives: (ppl,) or (ppl, size) for a Pareto front
+    proposer.tell(handle, values)            # its objectives: (loss,) or (ppl, size) for a Pareto front
     proposer.reject(handle)                  # over budget: dropped, never scored
     proposer.add(assignment, values)         # a trial it did not propose (a start, a repaired proposal)
 
 * Optuna samplers (``random``, ``tpe``, ``nsga2``, ``nsga3``, ``qmc``, ``gp``), their study in
   SQLite (``study.db``); the genetic samplers count added trials in their populations;
 * ``ax``: Bayesian optimisation through Ax's ``Client`` (a GP with analytic LogEI on log
-  perplexity, after Sobol trials while fewer than ``SOBOL_TRIALS`` trials exist).  Each unit
+  perplexity, or on the loss itself where it is not a perplexity, after Sobol trials while fewer than ``SOBOL_TRIALS`` trials exist).  Each unit
   is an *ordered numeric* choice whose values are the unit's exact bits per weight under
   each choice, so the size budget is one linear parameter constraint and the GP's proposals
   fit (Sobol's may not: those, like any proposal over budget, are rejected before they are
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mixq.errors import MixqError
+from mixq.search.objective import loss_of
 
 BACKENDS = ("random", "tpe", "nsga2", "nsga3", "qmc", "gp", "evo", "ax")
 NSGA_POPULATION = 20  # five generations in a study of 100 trials (Optuna's default of 50 makes two)
@@ -129,7 +130,7 @@ class EvoProposer:
     def ask(self) -> tuple[dict[str, str], Any]:
         if not self.history:
             return self.record.ask()[0], None
-        parent = min(self.rng.sample(self.history, min(3, len(self.history))), key=lambda t: t["ppl"])
+        parent = min(self.rng.sample(self.history, min(3, len(self.history))), key=loss_of)
         return self.step(parent["assignment"]), None
 
     def tell(self, handle: Any, values: tuple[float, ...]) -> None:
@@ -292,10 +293,11 @@ class AxProposer:
     (each value: the unit's bits per weight under that choice), so the GP sees how close
     two choices are in cost and the local search of the acquisition stays within budget.
     Where two choices of a unit cost the same bits (no order by size) the choices are plain
-    categories and over-budget proposals are rejected and repaired."""
+    categories and over-budget proposals are rejected and repaired.  ``log_loss``: the loss
+    is a perplexity, modelled on a log scale (else as it is, e.g. 1 − accuracy)."""
 
     def __init__(self, seed: int, units: list[str], choices: list[str], history: list[dict[str, Any]],
-                 budget: Budget | None) -> None:
+                 budget: Budget | None, log_loss: bool = True) -> None:
         try:
             from ax.api.client import Client
             from ax.api.configs import ChoiceParameterConfig
@@ -327,12 +329,13 @@ class AxProposer:
             constraints.append(f"{terms} <= {budget.limit / total + 1e-6:.12g}")
         self.client = Client(random_seed=seed)
         self.client.configure_experiment(parameters=parameters, parameter_constraints=constraints, name="mixq")
-        self.client.configure_optimization(objective="-log_ppl")
+        self.metric, self.transform = ("log_ppl", _log_ppl) if log_loss else ("loss", float)
+        self.client.configure_optimization(objective=f"-{self.metric}")
         self.client.set_generation_strategy(_ax_generation_strategy(seed))
         self.rng = random.Random(seed)
         self.units, self.choices, self.budget = units, choices, budget
         for t in history:  # resume: replay the finished trials
-            self.add(t["assignment"], (t["ppl"],))
+            self.add(t["assignment"], (loss_of(t),))
 
     def ask(self) -> tuple[dict[str, str], Any]:
         try:
@@ -345,7 +348,7 @@ class AxProposer:
         return {u: self.decode[u][params[p]] for u, p in self.names.items()}, index
 
     def tell(self, handle: Any, values: tuple[float, ...]) -> None:
-        self.client.complete_trial(handle, raw_data={"log_ppl": _log_ppl(values[0])})
+        self.client.complete_trial(handle, raw_data={self.metric: self.transform(values[0])})
 
     def reject(self, handle: Any) -> None:
         if not isinstance(handle, Fallback):
@@ -355,7 +358,7 @@ class AxProposer:
         if self.budget is not None and not self.budget.fits(assignment):
             return  # outside the constrained space (never so for a study's trials: they fit)
         index = self.client.attach_trial({p: self.encode[u][assignment[u]] for u, p in self.names.items()})
-        self.client.complete_trial(index, raw_data={"log_ppl": _log_ppl(values[0])})
+        self.client.complete_trial(index, raw_data={self.metric: self.transform(values[0])})
 
 
 MULTI_OBJECTIVE = ("random", "tpe", "nsga2", "nsga3", "qmc")
@@ -370,10 +373,10 @@ def check_backend(name: str, objectives: int = 1) -> None:
 
 def make_proposer(name: str, *, seed: int, units: list[str], choices: list[str], storage: str, resume: bool,
                   history: list[dict[str, Any]], step: Callable[[dict[str, str]], dict[str, str]],
-                  objectives: int = 1, budget: Budget | None = None) -> Proposer:
+                  objectives: int = 1, budget: Budget | None = None, log_loss: bool = True) -> Proposer:
     check_backend(name, objectives)
     if name == "ax":
-        return AxProposer(seed, units, choices, history, budget)
+        return AxProposer(seed, units, choices, history, budget, log_loss)
     if name == "evo":
         return EvoProposer(OptunaProposer("random", seed, units, choices, storage, resume), history, step, seed)
     return OptunaProposer(name, seed, units, choices, storage, resume, objectives)

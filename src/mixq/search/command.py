@@ -33,21 +33,37 @@ def cmd_search(args: argparse.Namespace) -> int:
     from mixq.evaluate import perplexity
     from mixq.plan import Plan
     from mixq.search import SearchConfig, SearchSpace, run_search
+    from mixq.search.objective import (
+        RESCORE_FACTOR,
+        check_tasks,
+        feasible,
+        mean_accuracy,
+        parse_tasks,
+        rank,
+        task_summary,
+        zero_shot_scorer,
+    )
     from mixq.search.report import write_report
     from mixq.search.study import SizeModel, Start, Store, WeightCache, guided_starts, pareto_front, requantize_seconds
 
     device, dtype, batch = setup_run(args)
-    if args.max_size is None and args.max_bits is None and args.objective == "ppl":
+    if args.max_size is None and args.max_bits is None and args.objective != "pareto":
         raise MixqError("give a budget: --max-size or --max-bits (or --objective pareto)")
     if args.trials < 1:
         raise MixqError(f"--trials must be positive, got {args.trials}")
+    if args.final_task_limit is not None and args.final_task_limit < 1:
+        raise MixqError(f"--final-task-limit must be positive, got {args.final_task_limit}")
     from mixq.search.backends import check_backend
 
     check_backend(args.backend, 2 if args.objective == "pareto" else 1)  # before loading anything
-    space = SearchSpace.load(args.space) if args.space else SearchSpace()
+    tasks = parse_tasks(args.tasks)
     config = SearchConfig(backend=args.backend, trials=args.trials, max_bits=args.max_bits,
                           max_size=None if args.max_size is None else parse_size(args.max_size), seed=args.seed,
-                          batch_size=batch, objective=args.objective)
+                          batch_size=batch, objective=args.objective, tasks=tasks, task_limit=args.task_limit,
+                          task_metric=args.task_metric, min_acc=args.min_acc)
+    if tasks:
+        check_tasks(tasks, args.data_dir, config.task_metric)  # a missing task file is refused before the model loads
+    space = SearchSpace.load(args.space) if args.space else SearchSpace()
     sens = None
     if args.sens:
         if not Path(args.sens).is_file():
@@ -60,10 +76,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     val = tokenize(loaded.tokenizer, load_text("wikitext2", "validation", root=args.data_dir))
     limit = args.limit or 4
     score = windows(val, args.seqlen, limit=limit)
-    rescore = windows(val, args.seqlen, limit=4 * limit)
+    rescore = windows(val, args.seqlen, limit=RESCORE_FACTOR * limit)
     test = windows(tokenize(loaded.tokenizer, load_text("wikitext2", "test", root=args.data_dir)), args.seqlen, limit=args.final_limit)
+
+    def scorer(task_limit: int | None, stderr: bool = False):  # type: ignore[no-untyped-def]
+        gemma = getattr(model.config, "model_type", "").startswith("gemma")  # as mixq eval: BOS before each context
+        return zero_shot_scorer(loaded.tokenizer, tasks, data_dir=args.data_dir, limit=task_limit,
+                                batch_size=args.batch_size or (64 if device.startswith("cuda") else 8), device=device,
+                                add_bos=gemma, stderr=stderr)
+
     identity = loaded.identity()
-    meta = {"model": args.model, "model_sha256": identity["sha256"], "space": space.to_dict(), "objective": args.objective,
+    meta = {"model": args.model, "model_sha256": identity["sha256"], "space": space.to_dict(), **config.describe(),
             "max_bits": config.max_bits, "max_size": config.max_size, "seqlen": args.seqlen, "limit": limit,
             "backend": args.backend, "trials": args.trials, "seed": args.seed, "command": args.command_line}
     units = space.units(model)
@@ -75,13 +98,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         initial += guided
     run_dir = Path(args.run_dir)
     trials = run_search(model, space, score, config, run_dir, meta=meta, resume=args.resume, initial=initial,
-                        progress=not args.json)
-    # multi-fidelity: re-score the best few on more windows, then the final table on the test split
+                        progress=not args.json, zero_shot=scorer(config.task_limit) if tasks else None)
+    # multi-fidelity: re-score the best few on more windows (accuracy: on more task examples), then the final table
     cache = WeightCache.for_space(model, space, units)
-    top = sorted({json.dumps(t["assignment"], sort_keys=True): t for t in trials}.values(), key=lambda t: t["ppl"])[:5]
+    top = sorted({json.dumps(t["assignment"], sort_keys=True): t for t in trials}.values(), key=rank)[:5]
+    wider = None if config.task_limit is None else RESCORE_FACTOR * config.task_limit
     for t in top:
         cache.apply(units, t["assignment"])
         t["rescore_ppl"] = perplexity(model, rescore, batch_size=batch).ppl
+        if config.objective == "acc":
+            table = scorer(wider)(model)
+            t["rescore_acc"], t["rescore_tasks"] = mean_accuracy(table, config.task_metric), task_summary(table)
     # the loop the weight cache replaces, timed on the same windows and plans in this process
     timed = [t["assignment"] for t in top[:REQUANTIZE_TRIALS]]
     cached_s = []
@@ -92,9 +119,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         cached_s.append(time.perf_counter() - t0)
     cache.restore()
     requantize_s = requantize_seconds(model, space, units, timed, score, batch_size=batch)
-    best = min(top, key=lambda t: t["rescore_ppl"])
+    if config.objective == "acc":
+        best = max(top, key=lambda t: (t["rescore_acc"], t["acc"], -t["bits_per_weight"]))
+    else:  # the trials meeting --min-acc first: re-scoring perplexity does not re-test accuracy
+        best = min(top, key=lambda t: (not feasible(t), t["rescore_ppl"]))
     best_plan = Plan.from_dict(best["plan"])
     best_plan.save(run_dir / "best_plan.yaml")
+    final_tasks = scorer(args.final_task_limit, stderr=True) if tasks else None
 
     def final(label: str, plan: Any, calibration: Any = None) -> dict[str, Any]:
         from mixq.quantize import quantize_
@@ -105,15 +136,19 @@ def cmd_search(args: argparse.Namespace) -> int:
             quantize_(m, plan, calibration=calibration, device=device, batch_size=batch)
         rep = plan.size_report(model)
         row = {"label": label, "ppl": perplexity(m, test, batch_size=batch).ppl, "bits_per_weight": rep.bits_per_weight,
-               "size_bytes": rep.size_bytes, "seconds": time.perf_counter() - t0}
+               "size_bytes": rep.size_bytes}
+        if final_tasks is not None:
+            table = final_tasks(m)
+            row.update({"acc": mean_accuracy(table, config.task_metric), "tasks": task_summary(table)})
+        row["seconds"] = time.perf_counter() - t0
         del m
         return row
 
-    def feasible(p: Any) -> bool:
+    def fits(p: Any) -> bool:
         rep = p.size_report(model)
         return config.budget_ok(rep.bits_per_weight, rep.size_bytes)
 
-    uniform = [c for c in space.choices if feasible(Plan.uniform(c))]
+    uniform = [c for c in space.choices if fits(Plan.uniform(c))]
     rows = [final("base (16-bit)", Plan())]
     for name in ("int8", "int4-g128"):
         try:
@@ -123,10 +158,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     top_uniform = max(uniform, key=lambda c: Plan.uniform(c).bits(model)) if uniform else None
     if top_uniform is not None:
         rows.append(final(f"heuristic: largest uniform that fits ({top_uniform})", Plan.uniform(top_uniform)))
-    scored = {name: t["ppl"] for t in trials if "start" in t for name in t["start"].split(" = ")}
-    best_uniform = min(uniform, key=lambda c: scored.get(f"uniform {c}", float("inf"))) if uniform else None
-    if best_uniform is not None and best_uniform != top_uniform and f"uniform {best_uniform}" in scored:
-        rows.append(final(f"best uniform that fits, by validation ppl ({best_uniform})", Plan.uniform(best_uniform)))
+    scored = {name: rank(t) for t in trials if "start" in t for name in t["start"].split(" = ")}
+    best_uniform = min(uniform, key=lambda c: scored.get(f"uniform {c}", (True, float("inf")))) if uniform else None
+    by = "scoring accuracy" if config.objective == "acc" else "validation ppl"
+    if config.min_acc is not None:
+        by += f" with acc ≥ {config.min_acc}"
+    if (best_uniform is not None and best_uniform != top_uniform and f"uniform {best_uniform}" in scored
+            and not scored[f"uniform {best_uniform}"][0]):  # [0]: below --min-acc
+        rows.append(final(f"best uniform that fits, by {by} ({best_uniform})", Plan.uniform(best_uniform)))
     if guided:  # the first guided start, as the search began from it
         rows.append(final(f"start: {guided[0].label}", space.plan(units, guided[0].assignment)))
     rows.append(final("best searched plan", best_plan))
@@ -153,23 +192,36 @@ def cmd_search(args: argparse.Namespace) -> int:
     budget = " and ".join(x for x in (f"≤ {config.max_bits} bits/weight" if config.max_bits else "",
                                       f"≤ {config.max_size:,} bytes" if config.max_size else "") if x)
     proposed = [t for t in trials if t["source"] != "initial"]
+    subset = "all examples" if config.task_limit is None else f"the first {config.task_limit} examples"
+    final_subset = "all examples" if args.final_task_limit is None else f"the first {args.final_task_limit} examples"
     report = {"model": args.model, "backend": args.backend, "budget": budget or "none (Pareto front)", "rows": rows,
               "dtype": dtype,
               "space": space.to_dict(), "units": len(units),
               "score": f"{len(score)} validation windows × {args.seqlen} (re-scored on {len(rescore)})",
               "final": f"{len(test)} test windows × {args.seqlen}",
+              "objective": {**config.describe(), "final_task_limit": args.final_task_limit if tasks else None},
               "rejected": max((t.get("rejected_so_far", 0) for t in trials), default=0),
               "mean_eval_seconds": sum(t["eval_seconds"] for t in trials) / len(trials),
               "mean_propose_seconds": sum(t["propose_seconds"] for t in proposed) / max(len(proposed), 1),
               "proposals": len(proposed),
               "starts": [{"label": t["start"], "ppl": t["ppl"], "bits_per_weight": t["bits_per_weight"],
-                          "size_bytes": t["size_bytes"]} for t in trials if "start" in t],
+                          "size_bytes": t["size_bytes"], **({"acc": t["acc"]} if "acc" in t else {}),
+                          **({"feasible": t["feasible"]} if "feasible" in t else {})} for t in trials if "start" in t],
               "requantize": {"trials": len(timed), "requantize_seconds": requantize_s, "cached_seconds": cached_s,
                              "load_seconds": load_seconds},
               "solver_note": f"{space.solver} for every trial and for the final plans (cached per layer and choice)"
                              + (f"; rows marked 're-solved' use {solver}" if solver and solver != space.solver else ""),
               "search_versions": _versions("ax-platform", "botorch", "optuna"),
               "best": best, "provenance": provenance_record(args, identity, device)}
+    if tasks:
+        rescored = (f"; the best {len(top)} re-scored on up to the first {wider} examples, the best plan chosen on those"
+                    if config.objective == "acc" and wider else "")
+        report["tasks_note"] = (
+            f"zero-shot {config.task_metric} (lm-eval), mean over {', '.join(tasks)}: trials on {subset} of each task"
+            f"{rescored}; final table on {final_subset} of each task (lm-eval takes the first examples, so the "
+            "final ones include those the search selected on: the searched plan's final accuracy is not held out)")
+    if config.min_acc is not None:
+        report["infeasible"] = sum(not feasible(t) for t in trials)
     write_report(run_dir, report, Store(run_dir).trials())
     if args.json:
         print(json.dumps({k: report[k] for k in ("rows", "budget", "rejected")} | {"best_plan": str(run_dir / "best_plan.yaml")}))
@@ -179,6 +231,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from mixq.search.objective import best_trial, feasible
     from mixq.search.report import write_report
     from mixq.search.study import Store
 
@@ -188,9 +241,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         trials = Store(run_dir).trials()
         if not trials:
             raise MixqError(f"{run_dir} holds no search (no report.json, no trials.jsonl)")
-        best = min(trials, key=lambda t: t["ppl"])
-        print(f"{len(trials)} trials so far (no final report yet); best ppl on the scoring windows {best['ppl']:.4f} "
-              f"at {best['bits_per_weight']:.4f} bits/weight")
+        best = best_trial(trials)
+        meta = run_dir / "config.json"
+        objective = json.loads(meta.read_text()).get("objective") if meta.is_file() else None
+        what = (f"best acc on the scoring subset {best['acc']:.4f} (ppl {best['ppl']:.4f})" if objective == "acc"
+                else f"best ppl on the scoring windows {best['ppl']:.4f}")
+        if not feasible(best):
+            what += f" (no trial meets the accuracy bound; closest acc {best['acc']:.4f})"
+        print(f"{len(trials)} trials so far (no final report yet); {what} at {best['bits_per_weight']:.4f} bits/weight")
         return 0
     write_report(run_dir, json.loads(path.read_text()), Store(run_dir).trials())
     print((run_dir / "report.md").read_text())

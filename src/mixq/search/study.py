@@ -6,7 +6,9 @@ both and carries on, losing at most the trial in flight.  Named starts (uniform 
 user plans, sensitivity-guided plans) are evaluated first and told to the backend.  A
 proposal over the budget is rejected before it is evaluated (not counted toward the
 trials) and repaired: its most expensive units step down to cheaper choices until the plan
-fits; the repaired plan is evaluated and recorded as a trial of its own.
+fits; the repaired plan is evaluated and recorded as a trial of its own.  What a trial is
+scored on (perplexity, zero-shot accuracy, perplexity under an accuracy bound) and the value
+the backends minimise are described in ``objective``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +30,11 @@ from mixq.errors import MixqError, PlanError
 from mixq.evaluate import perplexity
 from mixq.formats import parse_format
 from mixq.search.backends import Budget, Fallback, check_backend, make_proposer
+from mixq.search.objective import OBJECTIVES, TASK_METRICS, mean_accuracy, rank, task_summary, trial_loss
 from mixq.search.space import SearchSpace, Unit
 from mixq.sensitivity.allocate import JITTER
+
+ZeroShot = Callable[[nn.Module], dict[str, dict[str, Any]]]  # model -> evaluate_tasks table
 
 
 @dataclass(frozen=True)
@@ -48,11 +54,42 @@ class SearchConfig:
     seed: int = 0
     batch_size: int = 8
     rescore_top: int = 5  # best trials re-scored on the re-scoring windows
-    objective: str = "ppl"  # "ppl": minimise perplexity (under the budget); "pareto": perplexity and size
+    objective: str = "ppl"  # "ppl": perplexity (under the budget); "pareto": perplexity and size; "acc": accuracy
+    tasks: tuple[str, ...] = ()  # zero-shot tasks scored in every trial (needed by "acc" and min_acc)
+    task_limit: int | None = None  # the first N examples of each task, the same in every trial (None: all)
+    task_metric: str = "acc"  # "acc" or "acc_norm", averaged over the tasks into a trial's acc
+    min_acc: float | None = None  # objective "ppl": trials whose acc is below this are infeasible
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise MixqError(f"unknown objective {self.objective!r} (one of {', '.join(OBJECTIVES)})")
+        if self.task_metric not in TASK_METRICS:
+            raise MixqError(f"--task-metric {self.task_metric!r}: one of {', '.join(TASK_METRICS)}")
+        if self.task_limit is not None and self.task_limit < 1:
+            raise MixqError(f"--task-limit must be positive, got {self.task_limit}")
+        if self.objective == "acc" and not self.tasks:
+            raise MixqError("--objective acc needs --tasks (e.g. --tasks piqa,arc_easy)")
+        if self.min_acc is not None:
+            if not 0.0 <= self.min_acc <= 1.0:
+                raise MixqError(f"--min-acc must be in [0, 1], got {self.min_acc}")
+            if self.objective != "ppl":
+                raise MixqError(f"--min-acc constrains a perplexity search (--objective ppl), not --objective {self.objective}")
+            if not self.tasks:
+                raise MixqError("--min-acc needs --tasks: the accuracy it bounds is the mean over those tasks")
 
     @property
     def objectives(self) -> int:
         return 2 if self.objective == "pareto" else 1
+
+    def loss(self, ppl: float, acc: float | None) -> tuple[float, bool]:
+        """The value the backends minimise and whether the trial meets ``min_acc`` (see ``objective``)."""
+        return trial_loss(self.objective, ppl, acc, self.min_acc)
+
+    def describe(self) -> dict[str, Any]:
+        """What the trials' scores mean (kept in config.json; a resumed study must match it)."""
+        tasks = list(self.tasks) or None
+        return {"objective": self.objective, "tasks": tasks, "task_limit": self.task_limit if tasks else None,
+                "task_metric": self.task_metric if tasks else None, "min_acc": self.min_acc}
 
     def budget_ok(self, bits: float, size: int) -> bool:
         return (self.max_bits is None or bits <= self.max_bits + 1e-12) and (self.max_size is None or size <= self.max_size)
@@ -227,7 +264,8 @@ class Store:
             if not path.is_file():
                 raise MixqError(f"--resume: {self.dir} holds no study (no config.json)")
             old = json.loads(path.read_text())
-            for key in ("model_sha256", "space", "objective", "max_bits", "max_size", "seqlen", "limit"):
+            for key in ("model_sha256", "space", "objective", "max_bits", "max_size", "seqlen", "limit", "tasks",
+                        "task_limit", "task_metric", "min_acc"):
                 if old.get(key) != meta.get(key):
                     raise MixqError(f"--resume: {self.dir} was made with another {key} "
                                     f"({old.get(key)!r}, now {meta.get(key)!r}); use a new --run-dir")
@@ -258,11 +296,18 @@ class Store:
 
 def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, config: SearchConfig, run_dir: Path, *,
                meta: dict[str, Any], resume: bool = False, initial: list[Start] | None = None,
-               progress: bool = True) -> list[dict[str, Any]]:
+               progress: bool = True, zero_shot: ZeroShot | None = None) -> list[dict[str, Any]]:
     """Run (or resume) a study; returns every finished trial record.
 
     ``initial`` trials come first (repaired if over budget, each assignment once); their
-    records carry ``source: "initial"`` and ``start: <label>``."""
+    records carry ``source: "initial"`` and ``start: <label>``.  Where ``config.tasks`` is
+    set, ``zero_shot(model)`` (an ``evaluate_tasks`` table on the fixed subset, see
+    ``objective.zero_shot_scorer``) scores them in every trial: the record gets ``acc`` (the
+    mean of ``config.task_metric``) and ``tasks`` (per task), and under ``config.min_acc``
+    ``feasible``.  ``loss`` is the value told to the backend."""
+    if config.tasks and zero_shot is None:
+        raise MixqError("the search scores zero-shot tasks but was given no zero-shot scorer")
+    meta = {**meta, **config.describe()}
     units = space.units(model)
     size = SizeModel(space, units, model)
     check_budget(space, units, size, config)
@@ -275,7 +320,7 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
     proposer = make_proposer(config.backend, seed=config.seed, units=[u.name for u in units], choices=list(space.choices),
                              storage=store.storage_url(), resume=resume, history=done,
                              step=lambda parent: mutate(space, units, parent, fits, rng), objectives=config.objectives,
-                             budget=size.budget(config))
+                             budget=size.budget(config), log_loss=config.objective != "acc" and config.min_acc is None)
     cache = WeightCache.for_space(model, space, units)
     seen = {json.dumps(t["assignment"], sort_keys=True) for t in done}
     rejected = done[-1]["rejected_so_far"] if done else 0
@@ -290,7 +335,7 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
         elif key not in seen:
             queued[key] = Start(label, a)
     queue = list(queued.values())
-    best = min((t["ppl"] for t in done), default=math.inf)
+    best = min(done, key=rank, default=None)
     bar = tqdm(total=config.trials, initial=len(done), desc="search", disable=not progress)
     try:
         while len(done) < config.trials:
@@ -313,22 +358,34 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
             t1 = time.perf_counter()
             cache.apply(units, assignment)
             ppl = perplexity(model, score_windows, batch_size=config.batch_size).ppl
+            scores: dict[str, Any] = {"ppl": ppl}
+            acc = None
+            if config.tasks:
+                t2 = time.perf_counter()
+                table = zero_shot(model)  # type: ignore[misc]
+                acc = mean_accuracy(table, config.task_metric)
+                scores.update({"acc": acc, "tasks": task_summary(table), "task_seconds": time.perf_counter() - t2})
+            loss, ok = config.loss(ppl, acc)
             eval_s = time.perf_counter() - t1
             bits, nbytes = size(assignment)
             record = {"number": len(done), "assignment": assignment, "plan": space.plan(units, assignment).to_dict(),
-                      "ppl": ppl, "bits_per_weight": bits, "size_bytes": nbytes, "source": source,
-                      "propose_seconds": propose_s, "eval_seconds": eval_s, "rejected_so_far": rejected}
+                      **scores, "loss": loss}
+            if config.min_acc is not None:
+                record["feasible"] = ok
+            record.update({"bits_per_weight": bits, "size_bytes": nbytes, "source": source,
+                           "propose_seconds": propose_s, "eval_seconds": eval_s, "rejected_so_far": rejected})
             if label is not None:
                 record["start"] = label
             store.append(record)  # the plain store first: it is what a resumed study counts
-            values = (ppl, float(nbytes))[: config.objectives]
+            values = (loss, float(nbytes))[: config.objectives]
             if handle is not None:
                 proposer.tell(handle, values)
             else:
                 proposer.add(assignment, values)
             done.append(record)
-            best = min(best, ppl)
-            bar.set_postfix(best=f"{best:.3f}", bits=f"{bits:.3f}")
+            best = record if best is None or rank(record) < rank(best) else best
+            shown = {"best_acc": f"{best['acc']:.4f}"} if config.objective == "acc" else {"best_ppl": f"{best['ppl']:.3f}"}
+            bar.set_postfix(**shown, bits=f"{bits:.3f}")
             bar.update(1)
     finally:
         bar.close()
