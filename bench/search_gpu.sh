@@ -16,7 +16,9 @@
 # trial log and sensitivity file: untar it in bench/results/ and rerun the summary) and search_log.txt.
 # MIXQ_BENCH_SMOKE=1 runs the same steps at toy sizes (a check of the script on a CPU); PYTHON names
 # the interpreter (default python3); MIXQ_BENCH_WORK names the work folder (default: a new temporary
-# one): run again with the same folder, the sensitivity file is reused and the studies start over.
+# one): run again with the same folder, the sensitivity file is reused and the studies start over;
+# MIXQ_BENCH_STUDIES picks studies by name (space-separated; default all four) and MIXQ_BENCH_TRIALS
+# sets the trials per study (default 100).
 set -euo pipefail
 model=$1; data=$2; out=$3
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,7 +35,7 @@ if [[ ${MIXQ_BENCH_SMOKE:-0} == 1 ]]; then
   trials=20; seqlen=64; limit=2; final=(--final-limit 2); sens=(--nsamples 1 --seqlen 32); gptq=(--nsamples 2)
   device=(--device cpu)
 else
-  trials=100; seqlen=2048; limit=4; final=(); sens=(--nsamples 4 --seqlen 1024); gptq=(--nsamples 128)
+  trials=${MIXQ_BENCH_TRIALS:-100}; seqlen=2048; limit=4; final=(); sens=(--nsamples 4 --seqlen 1024); gptq=(--nsamples 128)
   device=()
 fi
 py=${PYTHON:-python3}
@@ -44,10 +46,14 @@ start=$SECONDS
 
 formats=$("$py" -c 'import sys, yaml; print(",".join(dict.fromkeys(c for f in sys.argv[1:] for c in yaml.safe_load(open(f))["choices"])))' \
   "$root/bench/space_block.yaml" "$root/bench/space_layer.yaml")
-say "sensitivity (measured KL) at $formats"
-mixq sensitivity --model "$model" --data-dir "$data" --method measured --formats "$formats" "${sens[@]}" \
-  --out "$runs/sens_measured.json" --json "${device[@]}" >> "$log" 2>&1
-say "sensitivity done ($((SECONDS - start)) s)"
+if [[ -f "$runs/sens_measured.json" ]]; then
+  say "sensitivity: reusing $runs/sens_measured.json"
+else
+  say "sensitivity (measured KL) at $formats"
+  mixq sensitivity --model "$model" --data-dir "$data" --method measured --formats "$formats" "${sens[@]}" \
+    --out "$runs/sens_measured.json" --json "${device[@]}" >> "$log" 2>&1
+  say "sensitivity done ($((SECONDS - start)) s)"
+fi
 
 study() {  # name, backend, space, budget flags and extra flags...
   local name=$1 backend=$2 space=$3; shift 3
@@ -58,13 +64,19 @@ study() {  # name, backend, space, budget flags and extra flags...
   for f in report.json trials.jsonl best_plan.yaml report.md; do cp "$work/$name/$f" "$runs/${name}_$f"; done
 }
 export OMP_NUM_THREADS=4   # four studies share the host's cores
+all=(ax_block_int4size ax_block_3.25bits tpe_layer_int4size nsga2_layer_int4size)
+read -r -a names <<< "${MIXQ_BENCH_STUDIES:-${all[*]}}"
 pids=()
-study ax_block_int4size ax space_block.yaml --max-size "$int4_g128_size" \
-  --solver gptq --option act_order=true --option static_groups=true "${gptq[@]}" & pids+=($!)
-study ax_block_3.25bits ax space_block.yaml --max-bits 3.25 & pids+=($!)
-study tpe_layer_int4size tpe space_layer.yaml --max-size "$int4_g128_size" & pids+=($!)
-study nsga2_layer_int4size nsga2 space_layer.yaml --max-size "$int4_g128_size" & pids+=($!)
-names=(ax_block_int4size ax_block_3.25bits tpe_layer_int4size nsga2_layer_int4size)
+for name in "${names[@]}"; do
+  case $name in
+    ax_block_int4size) study "$name" ax space_block.yaml --max-size "$int4_g128_size" \
+      --solver gptq --option act_order=true --option static_groups=true "${gptq[@]}" & pids+=($!) ;;
+    ax_block_3.25bits) study "$name" ax space_block.yaml --max-bits 3.25 & pids+=($!) ;;
+    tpe_layer_int4size) study "$name" tpe space_layer.yaml --max-size "$int4_g128_size" & pids+=($!) ;;
+    nsga2_layer_int4size) study "$name" nsga2 space_layer.yaml --max-size "$int4_g128_size" & pids+=($!) ;;
+    *) echo "unknown study $name (one of ${all[*]})" >&2; exit 2 ;;
+  esac
+done
 failed=0
 for i in "${!pids[@]}"; do
   if wait "${pids[$i]}"; then

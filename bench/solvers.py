@@ -4,7 +4,9 @@ quantization time for each (format, solver, options) setting, on the full WikiTe
     python bench/solvers.py --model M --data-dir DATA --settings int4-g128:rtn,int4-g128:gptq \\
         --out bench/results/solvers
 
-A setting is FORMAT:SOLVER[:KEY=VALUE;KEY=VALUE].  Calibration: NSAMPLES windows of SEQLEN
+A setting is FORMAT:SOLVER[:KEY=VALUE;KEY=VALUE]: the solver's options, and ``seed`` (the
+calibration draw), ``true_sequential`` and ``fused`` (false: the eager column loops rather
+than the Triton sweeps, for a same-process comparison).  Calibration: NSAMPLES windows of SEQLEN
 tokens from the validation split drawn as GPTQ draws them (random.seed(0), randint).
 Each finished setting is appended to OUT.jsonl at once; OUT.md holds the table.
 """
@@ -13,6 +15,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
+import io
+import os
+import pstats
 import json
 import time
 from pathlib import Path
@@ -53,10 +59,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--settings", default=DEFAULT)
     ap.add_argument("--out", default="bench/results/solvers")
+    ap.add_argument("--eval-limit", type=int, default=None, help="first N test windows (default: all)")
+    ap.add_argument("--profile", default="", metavar="SETTINGS",
+                    help="settings (as written in --settings) to run under cProfile, into OUT.profile.txt; their "
+                         "times include the profiler's overhead (the row says profiled)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_model(args.model, dtype=args.dtype, device=device)
-    test = windows(tokenize(loaded.tokenizer, load_text("wikitext2", "test", root=args.data_dir)), args.seqlen)
+    test = windows(tokenize(loaded.tokenizer, load_text("wikitext2", "test", root=args.data_dir)), args.seqlen,
+                   limit=args.eval_limit)
     val = tokenize(loaded.tokenizer, load_text("wikitext2", "validation", root=args.data_dir))
     base = loaded.model
     base_ppl = perplexity(base, test, batch_size=args.batch_size).ppl
@@ -68,20 +79,32 @@ def main() -> None:
         fmt, solver, opts = parse_setting(text)
         true_sequential = opts.pop("true_sequential", True)
         seed = opts.pop("seed", 0)  # calibration draw
+        fused = opts.pop("fused", True)  # false: the eager column loops instead of the Triton sweeps
+        os.environ["MIXQ_FUSED_SWEEPS"] = "1" if fused else "0"
         calib = calibration_windows(val, args.nsamples, args.seqlen, seed=seed)
         plan = Plan.uniform(fmt, solver, **opts)
         model = copy.deepcopy(base)
         if device == "cuda":
             torch.cuda.synchronize()
+        profiler = cProfile.Profile() if text in args.profile.split(",") else None
         t = time.perf_counter()
+        if profiler:
+            profiler.enable()
         q = quantize_(model, plan, calibration=None if solver == "rtn" else calib, device=device,
                       batch_size=args.batch_size, true_sequential=true_sequential)
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t
+        if profiler:
+            profiler.disable()
+            buf = io.StringIO()
+            pstats.Stats(profiler, stream=buf).sort_stats("cumulative").print_stats(30)
+            with out.with_suffix(".profile.txt").open("a") as fh:
+                fh.write(f"## {text} ({seconds:.1f} s)\n{buf.getvalue()}\n")
         ppl = perplexity(model, test, batch_size=args.batch_size).ppl
         rep = plan.size_report(base)
-        row = {"setting": text, "format": fmt, "solver": solver, "options": opts, "true_sequential": true_sequential, "seed": seed, "ppl": ppl,
+        row = {"setting": text, "format": fmt, "solver": solver, "options": opts, "true_sequential": true_sequential,
+               "seed": seed, "fused": fused, "profiled": profiler is not None, "ppl": ppl,
                "bits_per_weight": rep.bits_per_weight, "size_bytes": rep.size_bytes, "quantize_seconds": seconds}
         rows.append(row)
         with out.with_suffix(".jsonl").open("a") as fh:
