@@ -70,10 +70,12 @@ def main() -> None:
                 row = {"format": spec, "shape": shape_name, "rows": r, "cols": c, "solver": name,
                        "fused_s": tf, "eager_s": te, "speedup": te / tf,
                        "codes_equal": float((rf.qtensor.codes == re_.qtensor.codes).float().mean()),
+                       "identical": bool(torch.equal(rf.weight, re_.weight)),
                        "loss_fused": rf.loss, "loss_eager": re_.loss, "loss_rel_gap": rf.loss / re_.loss - 1}
                 rows_out.append(row)
                 print(f"{spec:>10} {shape_name:>13} {name:>9}: fused {tf * 1e3:8.1f} ms  eager {te * 1e3:8.1f} ms  "
-                      f"x{te / tf:6.1f}  codes equal {row['codes_equal']:.4f}  loss gap {row['loss_rel_gap']:+.2e}",
+                      f"x{te / tf:6.1f}  codes equal {row['codes_equal']:.4f}  identical {row['identical']}  "
+                      f"loss gap {row['loss_rel_gap']:+.2e}",
                       flush=True)
     os.environ.pop("MIXQ_FUSED_SWEEPS")
     if args.out:

@@ -8,9 +8,9 @@ import triton.language as tl
 def _round(x, s, z, SCHEME: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr):
     # SCHEME 0: asym (z = signed zero point), 1: sym, 2: fmin (z = minimum)
     if SCHEME == 2:
-        y = (x - z) / s
+        y = tl.math.div_rn(x - z, s)
     else:
-        y = x / s
+        y = tl.math.div_rn(x, s)
     f = tl.floor(y)
     frac = y - f
     half_odd = f - 2.0 * tl.floor(f * 0.5)  # 1 where f is odd

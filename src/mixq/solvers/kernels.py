@@ -10,8 +10,9 @@ QuantEase codes use per-column PyTorch loops), hence our own kernel.
 
 The kernels cover the integer schemes ``asym``, ``sym`` and ``fmin`` (per tensor, per
 channel, per group); every other format takes the eager path.  Rounding is
-round-half-to-even as ``torch.round``; the rank-1 updates may be fused multiply-adds,
-so results match the eager path to float rounding, not bit for bit.
+round-half-to-even as ``torch.round``, divisions are IEEE-rounded and multiplies are not
+fused into adds, so each column step rounds as the eager loop's PyTorch operations do
+(GPTQ's results agree bit for bit in our checks; QuantEase's ``addr`` may round differently).
 ``MIXQ_FUSED_SWEEPS=0`` turns the kernels off (for comparisons).
 """
 
@@ -96,4 +97,5 @@ def sweep_block(mode: int, x: Tensor, wh: Tensor, d: Tensor, s: Tensor, grid: Fu
     kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
         x, x.stride(0), wh, wh.stride(0), d, d.stride(0), s, s.stride(0), grid.scale, grid.zero, grid.row_stride,
         grid.scale.stride(1), grid.group_of, keep, 0 if keep.shape[0] == 1 else keep.stride(0), a, ncols, rows, MODE=mode, SCHEME=grid.scheme, QUANT=quantize,
-        LO=float(grid.lo), HI=float(grid.hi), BR=BLOCK_ROWS, BC=bc, num_warps=1)
+        LO=float(grid.lo), HI=float(grid.hi), BR=BLOCK_ROWS, BC=bc, num_warps=1,
+        enable_fp_fusion=False)  # separate multiply and add, as the eager loop rounds them
