@@ -5,7 +5,7 @@ windows, same evaluation, one process.
         --settings int4:pc,int4:g128,int3:g128,int4:g128:act --out bench/results/gptq_reference.json
 
 A setting is ``int{BITS}:{pc|gN}[:FLAG...]`` with flags ``act`` (act-order with static
-groups), ``static`` (static groups) and ``ts`` (true-sequential, both pipelines; the
+groups), ``static`` (static groups), ``sSEED`` (this calibration draw instead of ``--seed``) and ``ts`` (true-sequential, both pipelines; the
 reference's default, and this script's, is not true-sequential).  For each setting the
 reference pipeline (a) and mixq's ``quantize_`` with solver ``gptq`` (b) run on the same
 calibration windows from the base weights, which are restored after each run; both
@@ -503,19 +503,22 @@ class Setting:
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = False
+    seed: int | None = None  # the calibration draw (default --seed)
 
     @classmethod
     def parse(cls, text: str) -> Setting:
         parts = text.strip().split(":")
         if len(parts) < 2 or not parts[0].startswith("int") or not (parts[1] == "pc" or parts[1].startswith("g")):
-            raise SystemExit(f"setting {text!r}: expected int{{BITS}}:{{pc|gN}}[:act|:static|:ts]")
-        flags = set(parts[2:])
+            raise SystemExit(f"setting {text!r}: expected int{{BITS}}:{{pc|gN}}[:act|:static|:ts|:sSEED]")
+        seeds = [int(f[1:]) for f in parts[2:] if f[:1] == "s" and f[1:].isdigit()]
+        flags = {f for f in parts[2:] if not (f[:1] == "s" and f[1:].isdigit())}
         unknown = flags - {"act", "static", "ts"}
         if unknown:
-            raise SystemExit(f"setting {text!r}: unknown flags {sorted(unknown)} (act, static, ts)")
+            raise SystemExit(f"setting {text!r}: unknown flags {sorted(unknown)} (act, static, ts, sSEED)")
         group = None if parts[1] == "pc" else int(parts[1][1:])
         act = "act" in flags
-        return cls(text, int(parts[0][3:]), group, act, group is not None and (act or "static" in flags), "ts" in flags)
+        return cls(text, int(parts[0][3:]), group, act, group is not None and (act or "static" in flags), "ts" in flags,
+                   seeds[-1] if seeds else None)
 
     @property
     def mixq_format(self) -> str:
@@ -618,8 +621,14 @@ def main() -> None:
     meta["base_ppl_reference_eval"] = eval_ref()
     print(f"base ppl {base_ppl:.4f}", flush=True)
 
+    draws = {args.seed: (dataloader, calib)}
     rows = []
     for s in settings:
+        seed = args.seed if s.seed is None else s.seed
+        if seed not in draws:  # the same draw for both pipelines, as above
+            c = calibration_windows(val_ids, args.nsamples, args.seqlen, seed=seed)
+            draws[seed] = ([(w.unsqueeze(0), None) for w in c], c)
+        dataloader, calib = draws[seed]
         refs = {}
         for variant in variants:
             loader = dataloader[::-1] if variant.endswith("-rev") else dataloader
@@ -646,7 +655,7 @@ def main() -> None:
         restore(model, base)
 
         main_ref = refs[variants[0]]
-        row = {"setting": s.text, "format": s.mixq_format, "act_order": s.act_order, "static_groups": s.static_groups,
+        row = {"setting": s.text, "seed": seed, "format": s.mixq_format, "act_order": s.act_order, "static_groups": s.static_groups,
                "true_sequential": s.true_sequential, "ref_variant": variants[0], "ref_ppl": main_ref["ppl"],
                "ours_ppl": ours_ppl, "rel_gap": ours_ppl / main_ref["ppl"] - 1, "ref_seconds": main_ref["seconds"],
                "ours_seconds": ours_seconds, "ref_ppl_reference_eval": main_ref["ppl_reference_eval"],
