@@ -7,7 +7,8 @@ For the Linear layers of the chosen blocks of the base model, the Gram matrix of
 layer's inputs is taken twice: on calibration windows of the validation split (what the
 solvers see) and on windows of the test split (held out).  Each layer is solved from the
 calibration Gram with RTN, GPTQ and QuantEase, and every solution is scored on both Grams:
-relative error ‖(W − Ŵ)X‖²/‖WX‖².  A solver that fits the calibration Gram's weak
+relative error ‖(W − Ŵ)X‖²/‖WX‖², and where the calibration error sits (the share on the
+loudest 1% of input features, and on the last 10% of columns, which GPTQ quantizes last).  A solver that fits the calibration Gram's weak
 directions shows a small in-sample error and a larger held-out one.  Inputs come from the
 full-precision model (not true-sequential), which isolates the solver from error
 propagation.
@@ -86,10 +87,15 @@ def main() -> None:
             for solver_name in args.solvers.split(","):
                 solver = get_solver(solver_name)
                 r = solver(w, fmt, calib[name], solver.options({}))
+                d = w - r.weight
+                per_col = ((d @ calib[name]) * d).sum(0)  # each input column's share of the calibration error
+                loud = torch.diag(calib[name]).argsort(descending=True)[: max(1, w.shape[1] // 100)]
                 rows.append({"format": spec, "layer": name, "solver": solver_name,
                              "calibration": rel_error(w, r.weight, calib[name]),
                              "heldout": rel_error(w, r.weight, held[name]),
-                             "weight_change": float((r.weight - w).norm() / w.norm())})
+                             "weight_change": float((r.weight - w).norm() / w.norm()),
+                             "share_loudest_1pct": float(per_col[loud].sum() / per_col.sum()),
+                             "share_last_10pct": float(per_col[int(0.9 * w.shape[1]):].sum() / per_col.sum())})
         print(f"{spec}:", flush=True)
         for solver_name in args.solvers.split(","):
             mine = [r for r in rows if r["format"] == spec and r["solver"] == solver_name]
@@ -97,8 +103,11 @@ def main() -> None:
             cal = statistics.median(r["calibration"] / rtn[r["layer"]]["calibration"] for r in mine)
             hel = statistics.median(r["heldout"] / rtn[r["layer"]]["heldout"] for r in mine)
             chg = statistics.median(r["weight_change"] for r in mine)
+            loud = statistics.median(r["share_loudest_1pct"] for r in mine)
+            last = statistics.median(r["share_last_10pct"] for r in mine)
             print(f"  {solver_name:>10}: error / RTN's, median over layers: calibration {cal:.3f}, held out {hel:.3f}; "
-                  f"‖Ŵ − W‖/‖W‖ {chg:.4f}", flush=True)
+                  f"‖Ŵ − W‖/‖W‖ {chg:.4f}; share of the error on the loudest 1% of inputs {loud:.2f}, "
+                  f"on the last 10% of columns {last:.2f}", flush=True)
     if args.out:
         meta = {"blocks": blocks, "nsamples": args.nsamples, "seqlen": args.seqlen, "heldout": args.heldout,
                 "provenance": provenance(model=loaded.identity(), seed=0, device="cpu")}
