@@ -19,8 +19,8 @@ from mixq.solvers.gptq import GPTQOptions, solve_gptq
 from mixq.solvers.quantease import QuantEaseOptions, solve_gptq_quantease, solve_quantease
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = pytest.mark.skipif(not kernels.available(parse_format("int4"), DEVICE),
-                                reason="needs CUDA, or Triton with TRITON_INTERPRET=1")
+needs_kernels = pytest.mark.skipif(not kernels.available(parse_format("int4"), DEVICE),
+                                  reason="needs CUDA, or Triton with TRITON_INTERPRET=1")
 
 
 def _layer(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +46,7 @@ def _agree(fused, eager) -> None:  # type: ignore[no-untyped-def]
         assert torch.allclose(fused.qtensor.params[k], v, rtol=1e-3, atol=1e-6)
 
 
+@needs_kernels
 @pytest.mark.parametrize("spec,options", [
     ("int4", GPTQOptions()),
     ("int3-g32", GPTQOptions()),
@@ -63,6 +64,7 @@ def test_fused_gptq_matches_the_loop(spec, options, monkeypatch):
     _agree(*_both(solve_gptq, w, gram, parse_format(spec), options, monkeypatch))
 
 
+@needs_kernels
 @pytest.mark.parametrize("spec,solve,options", [
     ("int3-g32", solve_quantease, QuantEaseOptions(iterations=4)),
     ("int4", solve_quantease, QuantEaseOptions(iterations=4, block_size=32)),
