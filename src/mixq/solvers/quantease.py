@@ -52,8 +52,6 @@ class QuantEaseOptions:
         check_fraction("quantease", self.outliers)
 
 
-
-
 def _extra_bits(options: QuantEaseOptions, shape: tuple[int, int]) -> int:
     return outlier_bits(options.outliers, options.structured, shape)
 
@@ -169,10 +167,6 @@ def coordinate_descent(w: Tensor, sigma: Tensor, grid: ColumnGrid, w_hat: Tensor
         if quantize and f < best_f:
             best, best_f = w_hat.clone(), f
     return best
-
-
-
-
 
 
 def outlier_aware(w: Tensor, sigma: Tensor, fmt: Format, *, start: Callable[[Tensor], tuple[Tensor, ColumnGrid]],
