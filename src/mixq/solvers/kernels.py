@@ -96,6 +96,7 @@ def sweep_block(mode: int, x: Tensor, wh: Tensor, d: Tensor, s: Tensor, grid: Fu
         assert t.stride(1) == 1, "the kernel needs row-major blocks"
     kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
         x, x.stride(0), wh, wh.stride(0), d, d.stride(0), s, s.stride(0), grid.scale, grid.zero, grid.row_stride,
-        grid.scale.stride(1), grid.group_of, keep, 0 if keep.shape[0] == 1 else keep.stride(0), a, ncols, rows, MODE=mode, SCHEME=grid.scheme, QUANT=quantize,
-        LO=float(grid.lo), HI=float(grid.hi), BR=BLOCK_ROWS, BC=bc, num_warps=1,
+        grid.scale.stride(1), grid.group_of, keep, 0 if keep.shape[0] == 1 else keep.stride(0), a, ncols, rows,
+        MODE=mode, SCHEME=grid.scheme, QUANT=quantize, LO=float(grid.lo), HI=float(grid.hi), BR=BLOCK_ROWS, BC=bc,
+        num_warps=1,
         enable_fp_fusion=False)  # separate multiply and add, as the eager loop rounds them
