@@ -23,7 +23,7 @@ from mixq.errors import MixqError, PlanError
 from mixq.formats import Format
 from mixq.solvers import kernels
 from mixq.solvers.grid import ColumnGrid
-from mixq.solvers.outliers import check_fraction, column_outlier_bits, outlier_bits, salient
+from mixq.solvers.outliers import check_fraction, column_outlier_bits, outlier_bits, salient_mask
 from mixq.solvers.registry import SolveResult, register_solver
 from mixq.solvers.rtn import layer_loss
 
@@ -109,7 +109,7 @@ def solve_gptq(weight: Tensor, fmt: Format, gram: Tensor | None, options: GPTQOp
         keep = torch.zeros_like(w, dtype=torch.bool)
         keep[:, torch.topk(torch.diag(gram.float()), n_keep).indices] = True
     elif options.outliers:
-        keep = salient(w, h, options.outliers, options.structured) != 0
+        keep = salient_mask(w, h, options.outliers, options.structured)
     grid = ColumnGrid.of(fmt, cols)
     static = options.static_groups or options.act_order or fmt.per_tensor or grid.width == cols
     if static:
@@ -170,20 +170,16 @@ def _fused_columns(w: Tensor, hinv: Tensor, q: Tensor, grid: ColumnGrid, blocks:
     """The same loop with one fused kernel launch per block (``kernels``)."""
     rows, cols = w.shape
     hinv = hinv.contiguous()  # LAPACK's factor may come column-major
-    fused = kernels.FusedGrid(grid.fmt, rows, len(grid.params), torch.tensor([grid.group_of(c) for c in order]), w.device)
-    if static:
-        for g, p in enumerate(grid.params):
-            fused.set(g, p)  # type: ignore[arg-type]
+    fused = kernels.FusedGrid.of(grid, rows, order, w.device)  # static: every group fitted already
     keep8 = torch.zeros(1, cols, dtype=torch.int8, device=w.device) if keep is None else keep.to(torch.int8)
     err = torch.empty(rows, max(b - a for a, b in blocks), dtype=w.dtype, device=w.device)
     for a, b in blocks:
         if not static:  # groups start on block edges (aligned_blocks), where w is current
-            for col in range(a, b):
-                if col % grid.width == 0:
-                    g = grid.group_of(col)
-                    end = grid.span(g)[1]
-                    grid.fit(g, w[:, col:end] if keep is None else w[:, col:end].masked_fill(keep[:, col:end], 0))
-                    fused.set(g, grid.params[g])  # type: ignore[arg-type]
+            for col in range(-(-a // grid.width) * grid.width, b, grid.width):
+                g = grid.group_of(col)
+                end = grid.span(g)[1]
+                grid.fit(g, w[:, col:end] if keep is None else w[:, col:end].masked_fill(keep[:, col:end], 0))
+                fused.set(g, grid.params[g])  # type: ignore[arg-type]
         e = err[:, : b - a]
         kernels.sweep_block(0, w[:, a:b], q[:, a:b], e, hinv[a:b, a:], fused, keep8, a)
         if b < cols:

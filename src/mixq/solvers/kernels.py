@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from mixq.formats import Format
+from mixq.solvers.grid import ColumnGrid
 
 SCHEME_IDS = {"asym": 0, "sym": 1, "fmin": 2}
 BLOCK_ROWS = 8  # rows per program: one warp holds the tile, so the per-column reductions stay in the warp
@@ -76,6 +78,16 @@ class FusedGrid:
             self.zero[:, group] = params["zero"].reshape(-1)
         elif self.scheme == 2:
             self.zero[:, group] = params["min"].reshape(-1)
+
+    @classmethod
+    def of(cls, grid: ColumnGrid, rows: int, order: Iterable[int], device: torch.device) -> FusedGrid:
+        """The kernel's view of ``grid`` for columns taken in ``order``, with the groups
+        fitted so far (the others are set as they are fitted)."""
+        fused = cls(grid.fmt, rows, len(grid.params), torch.tensor([grid.group_of(c) for c in order]), device)
+        for g, p in enumerate(grid.params):
+            if p is not None:
+                fused.set(g, p)
+        return fused
 
     @property
     def row_stride(self) -> int:

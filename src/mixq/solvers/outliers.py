@@ -57,10 +57,21 @@ def hard_threshold(x: Tensor, keep: int, structured: bool) -> Tensor:
     return out
 
 
-def salient(w: Tensor, gram: Tensor | None, fraction: float, structured: bool) -> Tensor:
-    """H: the weights whose loss the layer objective weighs most, |W_ij|·√Σ_jj (|W_ij|
-    without a Gram), or the columns with the largest Σ_jj‖W_j‖²; zero elsewhere."""
+def salient_mask(w: Tensor, gram: Tensor | None, fraction: float, structured: bool) -> Tensor:
+    """The weights the layer objective weighs most, |W_ij|·√Σ_jj (|W_ij| without a Gram), or
+    the columns with the largest Σ_jj‖W_j‖²: a boolean mask of ``w``'s shape."""
     keep = outlier_count(fraction, tuple(w.shape), structured)
     score = w if gram is None else w * torch.diag(gram).float().clamp_min(0).sqrt().unsqueeze(0)
-    mask = hard_threshold(score, keep, structured) != 0
-    return torch.where(mask, w, torch.zeros_like(w))
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    if keep <= 0:
+        return mask
+    if structured:
+        mask[:, torch.topk(score.norm(dim=0), keep).indices] = True
+    else:
+        mask.view(-1)[torch.topk(score.abs().flatten(), keep).indices] = True
+    return mask
+
+
+def salient(w: Tensor, gram: Tensor | None, fraction: float, structured: bool) -> Tensor:
+    """H: ``w`` on ``salient_mask``, zero elsewhere."""
+    return torch.where(salient_mask(w, gram, fraction, structured), w, torch.zeros_like(w))

@@ -26,9 +26,8 @@ from mixq.errors import PlanError
 from mixq.formats import Format
 from mixq.solvers import kernels
 from mixq.solvers.gptq import GPTQOptions, prepare, solve_gptq
-from mixq.solvers.outliers import (  # noqa: F401  (re-exported)
-    check_fraction, hard_threshold, outlier_bits, outlier_count, salient, sparse_outlier_bits)
 from mixq.solvers.grid import ColumnGrid
+from mixq.solvers.outliers import check_fraction, hard_threshold, outlier_bits, outlier_count, salient
 from mixq.solvers.registry import SolveResult, register_solver
 from mixq.solvers.rtn import layer_loss
 
@@ -104,10 +103,7 @@ class Sweeper:
         self.fused = None
         if kernels.available(grid.fmt, target.device):  # one kernel launch per block of columns
             rows, cols = target.shape
-            self.fused = kernels.FusedGrid(grid.fmt, rows, len(grid.params),
-                                           torch.arange(cols) // grid.width, target.device)
-            for g, p in enumerate(grid.params):
-                self.fused.set(g, p)  # type: ignore[arg-type]
+            self.fused = kernels.FusedGrid.of(grid, rows, range(cols), target.device)
             self.keep = torch.zeros(1, cols, dtype=torch.int8, device=target.device)
             self.d = torch.empty(rows, min(block_size, cols), dtype=target.dtype, device=target.device)
         self.use_graphs = graphs and target.is_cuda and self.fused is None

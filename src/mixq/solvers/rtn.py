@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mixq.formats import Format
-from mixq.solvers.outliers import check_fraction, outlier_bits, salient
+from mixq.solvers.outliers import check_fraction, outlier_bits, salient_mask
 from mixq.solvers.registry import SolveResult, register_solver
 
 
@@ -40,7 +40,7 @@ def solve_rtn(weight: Tensor, fmt: Format, gram: Tensor | None, options: RTNOpti
         w_hat = fmt.dequantize(q)
         return SolveResult(q, w_hat, None if gram is None else layer_loss(weight, w_hat, gram))
     w = weight.float()
-    keep = salient(w, gram, options.outliers, options.structured) != 0
+    keep = salient_mask(w, gram, options.outliers, options.structured)
     q = fmt.quantize(w.masked_fill(keep, 0))
     w_hat = fmt.dequantize(q)
     outliers = torch.where(keep, w - w_hat, torch.zeros_like(w))
