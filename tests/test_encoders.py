@@ -3,10 +3,8 @@ sentence embeddings and their drift metrics, ``mixq embed-eval``; one run on the
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
-import shlex
 
 import pytest
 import torch
@@ -189,13 +187,9 @@ def test_sentences_of_wikitext_lines():
 
 # -- the command ------------------------------------------------------------------------
 def _embed_eval(argv: list[str]) -> int:
-    from mixq.evaluate import embed_command
+    from mixq.cli import main
 
-    parser = argparse.ArgumentParser(prog="mixq")
-    embed_command.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([embed_command.NAME, *argv])
-    args.command_line = shlex.join(["mixq", embed_command.NAME, *argv])
-    return embed_command.cmd_embed_eval(args)
+    return main(["embed-eval", *argv])
 
 
 def test_embed_eval_json(capsys, tmp_path, tokenizer, sentences):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from mixq.cli import main
 from mixq.errors import MixqError, PlanError
 from mixq.search import SearchConfig, SearchSpace, run_search
 from mixq.plan import LayerSpec
-from mixq.search.study import SizeModel, repair
+from mixq.search.size import SizeModel, repair
 
 CHOICES = ("int2-g32", "int3-g32", "int4-g32", "int8")
 
@@ -189,7 +190,7 @@ def test_ax_study_resumes_from_its_jsonl(model, score, tmp_path):
 
 
 def test_pareto_front_search(model, score, tmp_path):
-    from mixq.search.study import pareto_front
+    from mixq.search.objective import pareto_front
 
     space = SearchSpace(choices=CHOICES, granularity="block")
     trials = run_search(model, space, score, SearchConfig(backend="nsga2", trials=8, objective="pareto"), tmp_path / "p",
@@ -211,3 +212,19 @@ def test_pareto_cli_without_budget(capsys, tiny_dir, data_dir, tmp_path):
     report = json.loads((tmp_path / "front" / "report.json").read_text())
     assert any(r["label"].startswith("front:") for r in report["rows"])
     assert json.loads((tmp_path / "front" / "pareto_front.json").read_text())
+
+
+@pytest.mark.parametrize("text, message", [
+    ("fixed: [{format: int8}]", "fixed[0] must be a mapping with 'match'"),
+    ("tied: null", "'tied' must be a list of lists of layer names"),
+    ("tied: [q_proj]", "tied[0] must be a list of layer names"),
+    ("choices: int4-g32", "'choices' must be a list of format names"),
+    ("include: 're:.*q_proj'", "'include' must be a list of layer names"),
+    ("granularity: [block]", "'granularity' must be a string"),
+])
+def test_space_yaml_is_validated(tmp_path, text, message):
+    """Each of these once raised a KeyError/TypeError or was read one character at a time."""
+    path = tmp_path / "space.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(PlanError, match=re.escape(message)):
+        SearchSpace.load(path)

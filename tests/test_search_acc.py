@@ -18,7 +18,7 @@ from mixq.plan import Plan
 from mixq.quantize import quantize_
 from mixq.search import SearchConfig, SearchSpace, run_search
 from mixq.search.objective import trial_loss, zero_shot_scorer
-from mixq.search.study import Start
+from mixq.search.config import Start
 
 CHOICES = ("int2-g32", "int3-g32", "int4-g32", "int8")
 TASKS = ("arc_easy", "piqa")

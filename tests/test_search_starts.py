@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from mixq.search import SearchConfig, SearchSpace, run_search
-from mixq.search.backends import AxProposer
-from mixq.search.study import SizeModel, Start, WeightCache, guided_starts, requantize_seconds
+from mixq.search.backends.ax import AxProposer
+from mixq.search.cache import WeightCache
+from mixq.search.config import Start
+from mixq.search.size import SizeModel
+from mixq.search.starts import guided_starts
+from mixq.search.timing import requantize_seconds
 from mixq.plan import LayerSpec
 
 CHOICES = ("int2-g32", "int3-g32", "int4-g32", "int8")
@@ -188,7 +192,7 @@ def test_a_failed_ax_proposal_becomes_a_random_trial(model, score, tmp_path, mon
 
 
 def test_neighbours_of_the_trials_meet_the_budget():
-    from mixq.search.backends import neighbours
+    from mixq.search.backends.ax import neighbours
 
     levels = [torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64)] * 3
     budget = [(torch.tensor([0, 1, 2]), torch.tensor([-1.0, -1.0, -1.0]), -9.0)]  # x0 + x1 + x2 <= 9

@@ -87,6 +87,14 @@ def test_sensitivity_and_allocate_cli(capsys, tiny_dir, text_file, tmp_path):
     assert out.with_suffix(".csv").is_file() and out.with_suffix(".png").is_file()
     assert main(argv) == 0  # resumed: every method already done
     assert "already done" in capsys.readouterr().err
+    other = text_file.with_name("other.txt")
+    other.write_text(text_file.read_text()[::-1])
+    changed = [other if a == str(text_file) else a for a in argv]
+    assert main([str(a) for a in changed]) == 0  # another calibration text: scored anew, never resumed
+    assert "already done" not in capsys.readouterr().err
+    assert json.loads(out.read_text())["meta"]["calibration"]["dataset"] == str(other)
+    assert main([*argv[:-1], "--max-iter", "3", "--json"]) == 0  # another Hessian setting: anew too
+    assert "already done" not in capsys.readouterr().err
 
     plan_path = tmp_path / "plan.yaml"
     assert main(["allocate", "--sens", str(out), "--max-bits", "3.2", "--out", str(plan_path), "--starts", "2"]) == 0

@@ -15,11 +15,15 @@ from mixq.solvers.quantease import QuantEaseOptions, _start, coordinate_descent,
 from mixq.solvers.rtn import layer_loss
 
 
-def layer(seed: int, rows: int = 32, cols: int = 128, tokens: int = 1024):
+def inputs(seed: int, rows: int = 32, cols: int = 128, tokens: int = 1024):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g)
     mix = torch.randn(cols, cols, generator=g) * 0.3 + torch.eye(cols)  # correlated inputs
-    x = torch.randn(tokens, cols, generator=g) @ mix
+    return w, torch.randn(tokens, cols, generator=g) @ mix
+
+
+def layer(seed: int, rows: int = 32, cols: int = 128, tokens: int = 1024):
+    w, x = inputs(seed, rows, cols, tokens)
     return w, x.T @ x / tokens
 
 
@@ -31,12 +35,18 @@ def solve(name: str, w, gram, fmt: str, **options):
 @pytest.mark.parametrize("name", solver_names())
 @pytest.mark.parametrize("fmt", ["int4-g32", "int3", "nf4-g64", "mxfp4", "int4-sym-tensor"])
 def test_contract(name, fmt):
-    w, gram = layer(0, cols=128)
+    w, x = inputs(0, cols=128)
+    gram = x.T @ x / len(x)
     r = solve(name, w, gram, fmt)
     f = parse_format(fmt)
     assert r.qtensor.codes.shape == w.shape
     assert torch.equal(f.dequantize(r.qtensor), r.weight)  # the codes are what was written
-    assert r.loss == pytest.approx(layer_loss(w, r.weight, gram), rel=1e-5)
+    # every weight on its group's grid: rounding it onto the stored parameters changes nothing
+    assert torch.equal(f.decode(f.encode(r.weight, f.expand(r.qtensor)), f.expand(r.qtensor)), r.weight)
+    # the loss is the layer's output error on the calibration tokens, ‖(W − Ŵ)X‖² per token
+    direct = float(((w.double() - r.weight.double()) @ x.double().T).pow(2).sum()) / len(x)
+    assert r.loss == pytest.approx(direct, rel=1e-4)
+    assert r.loss < float((w.double() @ x.double().T).pow(2).sum()) / len(x)  # well below the signal
     assert torch.isfinite(r.weight).all()
 
 
@@ -247,6 +257,21 @@ def test_gptq_matches_reference_algorithm(fmt, group, opts):
                           actorder=opts.get("act_order", False), static=opts.get("static_groups", False))
     ours = solve("gptq", w, gram, fmt, **opts).weight
     assert torch.allclose(ours, ref, atol=1e-5), float((ours - ref).abs().max())
+
+
+def test_gptq_blocks_wider_than_groups():
+    """Blocks of 128 columns carry four groups of 32 (the block size is not cut down to the group);
+    fitting each group on the weights as the sweep reaches it makes the result independent of the
+    block size up to rounding."""
+    from mixq.solvers.gptq import aligned_blocks
+
+    assert aligned_blocks(576, 32, 128) == [(0, 128), (128, 256), (256, 384), (384, 512), (512, 576)]
+    assert aligned_blocks(512, 256, 128) == [(0, 128), (128, 256), (256, 384), (384, 512)]
+    assert aligned_blocks(384, 192, 128) == [(0, 96), (96, 192), (192, 288), (288, 384)]
+    w, gram = layer(12, rows=16, cols=256, tokens=2048)
+    wide = solve("gptq", w, gram, "int4-g32", block_size=128).weight
+    narrow = solve("gptq", w, gram, "int4-g32", block_size=32).weight
+    assert (wide != narrow).float().mean() < 0.01 and torch.allclose(wide, narrow, atol=1e-4)
 
 
 def test_option_errors():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -88,13 +89,51 @@ def windows(ids: Tensor, seqlen: int, *, limit: int | None = None, bos: int | No
     return w
 
 
-def calibration_windows(ids: Tensor, nsamples: int, seqlen: int, *, seed: int = 0) -> Tensor:
+def calibration_windows(ids: Tensor, nsamples: int, seqlen: int, *, seed: int = 0, bos: int | None = None) -> Tensor:
     """``nsamples`` random windows of ``seqlen`` tokens, as GPTQ draws them.
 
-    ``random.seed(seed)``, then ``start = random.randint(0, n_tokens - seqlen - 1)`` each.
+    ``random.seed(seed)``, then ``start = random.randint(0, n_tokens - seqlen - 1)`` each.  With
+    ``bos`` every window is that token followed by ``seqlen - 1`` text tokens drawn the same way.
     """
-    if ids.numel() <= seqlen + 1:
+    step = seqlen - (bos is not None)
+    if ids.numel() <= step + 1:
         raise DataError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     rng = random.Random(seed)
-    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
-    return torch.stack([ids[s : s + seqlen] for s in starts])
+    starts = [rng.randint(0, ids.numel() - step - 1) for _ in range(nsamples)]
+    w = torch.stack([ids[s : s + step] for s in starts])
+    if bos is not None:
+        w = torch.cat([torch.full((len(w), 1), bos, dtype=w.dtype), w], dim=1)
+    return w
+
+
+def tensor_sha256(t: Tensor) -> str:
+    """Hash of a tensor's shape, dtype and values: a cache key for the data it holds."""
+    h = hashlib.sha256(f"{tuple(t.shape)}:{t.dtype}".encode())
+    h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def bos_rule(model: object, tokenizer: object) -> int | None:
+    """The token every window (and zero-shot context) starts with: BOS for Gemma-family models,
+    whose scores collapse without it; None (plain text windows) for the others."""
+    model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
+    if not model_type.startswith("gemma"):
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise DataError(f"a {model_type} model needs a BOS token before every window; its tokenizer has none")
+    return int(bos)
+
+
+def model_windows(model: object, tokenizer: object, dataset: str, split: str, seqlen: int, *,
+                  root: str | os.PathLike | None = None, limit: int | None = None, nsamples: int | None = None,
+                  seed: int = 0) -> Tensor:
+    """The token windows a model is evaluated (consecutive, the first ``limit``) or calibrated
+    (``nsamples`` random draws) on, with the model's BOS rule: every window in mixq comes from here."""
+    ids = tokenize(tokenizer, load_text(dataset, split, root=root))
+    bos = bos_rule(model, tokenizer)
+    if nsamples is not None:
+        if nsamples < 1:
+            raise DataError(f"--nsamples must be positive, got {nsamples}")
+        return calibration_windows(ids, nsamples, seqlen, seed=seed, bos=bos)
+    return windows(ids, seqlen, limit=limit, bos=bos)

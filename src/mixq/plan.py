@@ -155,6 +155,11 @@ class Plan:
 
         return Plan(tuple((m, swap(s)) for m, s in self.rules), None if self.default is None else swap(self.default), self.skip)
 
+    @property
+    def is_base(self) -> bool:
+        """Nothing to quantize by design (``base``): no rule and no default."""
+        return not self.rules and self.default is None
+
     def needs_calibration(self) -> bool:
         from mixq.solvers import get_solver
 

@@ -12,11 +12,15 @@ from typing import Any
 import torch
 
 
-def _version(pkg: str) -> str | None:
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return None
+def versions(*packages: str) -> dict[str, str | None]:
+    """Installed version of each package (None where it is not installed)."""
+    out: dict[str, str | None] = {}
+    for p in packages:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = None
+    return out
 
 
 def device_name(device: str | torch.device) -> str:
@@ -32,7 +36,7 @@ def provenance(*, model: dict[str, str] | None, seed: int, device: str | torch.d
 
     return {
         "mixq": __version__,
-        "versions": {p: _version(p) for p in ("torch", "transformers", "accelerate", "gguf", "safetensors", "lm_eval")},
+        "versions": versions("torch", "transformers", "accelerate", "gguf", "safetensors", "lm_eval"),
         "python": platform.python_version(),
         "model": model,
         "seed": seed,

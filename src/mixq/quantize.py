@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,3 +84,26 @@ def quantize_(model: nn.Module, plan: Plan, *, calibration: Tensor | Mapping[str
         out[name] = QuantizedLayer(spec, result.qtensor, seconds=time.perf_counter() - t, outliers=result.outliers)
     order = list(specs)
     return QuantizeResult({n: out[n] for n in order}, time.perf_counter() - start)
+
+
+@contextmanager
+def quantized_copy(base: nn.Module, plan: Plan, *, calibration: Tensor | Mapping[str, Tensor] | None = None,
+                   device: torch.device | str | None = None, batch_size: int = 8, progress: bool = False,
+                   log: Callable[[str], None] | None = None) -> Iterator[tuple[nn.Module, QuantizeResult | None]]:
+    """``(model, result)``: the base model itself (result None) for a plan that quantizes nothing
+    by design (``base``), else a quantized deep copy, freed on exit.  A plan that names formats but
+    matches no layer of this model is an error, never evaluated as if it were quantized."""
+    specs = plan.resolve(base)
+    if not specs:
+        if not plan.is_base:
+            raise PlanError(f"plan {plan.describe()!r} quantizes no layer of this model "
+                            f"({type(base).__name__}): check its rules and the model's layer names")
+        yield base, None
+        return
+    model = copy.deepcopy(base)
+    try:
+        result = quantize_(model, plan, calibration=calibration, device=device, batch_size=batch_size,
+                           progress=progress, log=log)
+        yield model, result
+    finally:
+        del model

@@ -1,5 +1,6 @@
 """Evaluation: perplexity and KL divergence to the base model."""
 
-from mixq.evaluate.perplexity import PerplexityResult, kl_divergence, perplexity, perplexity_unbatched
+from mixq.evaluate.perplexity import (PerplexityResult, kl_divergence, kl_sum, log_probs, perplexity,
+                                      perplexity_unbatched)
 
-__all__ = ["PerplexityResult", "kl_divergence", "perplexity", "perplexity_unbatched"]
+__all__ = ["PerplexityResult", "kl_divergence", "kl_sum", "log_probs", "perplexity", "perplexity_unbatched"]

@@ -75,16 +75,24 @@ def perplexity_unbatched(model: nn.Module, windows: Tensor) -> PerplexityResult:
     return PerplexityResult(math.exp(mean), mean, len(windows) * (windows.shape[1] - 1), len(windows), time.perf_counter() - start)
 
 
+def log_probs(model: nn.Module, batch: Tensor) -> Tensor:
+    """Next-token log-probabilities (float32) of every position of ``batch``."""
+    return F.log_softmax(_logits(model, batch).float(), dim=-1)
+
+
+def kl_sum(log_p: Tensor, model: nn.Module, batch: Tensor) -> Tensor:
+    """Σ over the positions of ``batch`` of KL(p ‖ q), q the model's next-token distribution (float64)."""
+    q = log_probs(model, batch)
+    return F.kl_div(q, log_p.to(q.device), log_target=True, reduction="sum").double()
+
+
 @torch.no_grad()
 def kl_divergence(base: nn.Module, quantized: nn.Module, windows: Tensor, *, batch_size: int = 8) -> float:
-    """Mean over tokens of KL(p_base ‖ p_quantized) of the next-token distributions (nats)."""
+    """Mean over tokens of KL(p_base ‖ p_quantized) of the next-token distributions (nats);
+    the base's log-probabilities are computed batch by batch, never all at once."""
     device = _device(quantized)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size]
-        p = F.log_softmax(_logits(base, batch).float(), dim=-1).to(device)
-        q = F.log_softmax(_logits(quantized, batch).float(), dim=-1)
-        total += F.kl_div(q, p, log_target=True, reduction="sum").double()
-        count += batch.numel()
-    return float(total) / count
+        total += kl_sum(log_probs(base, batch), quantized, batch)
+    return float(total) / windows.numel()

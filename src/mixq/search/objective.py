@@ -142,9 +142,18 @@ def rank(record: Mapping[str, Any]) -> tuple[bool, float]:
     return (not feasible(record), loss_of(record))
 
 
+def pareto_front(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials no other trial beats on both perplexity and size, by increasing size."""
+    front: list[dict[str, Any]] = []
+    for t in sorted(trials, key=lambda t: (t["size_bytes"], t["ppl"])):
+        if not front or t["ppl"] < front[-1]["ppl"]:
+            front.append(t)
+    return front
+
+
 def best_trial(trials: list[dict[str, Any]]) -> dict[str, Any]:
     return min(trials, key=rank)
 
 
-__all__ = ["ACC_TOLERANCE", "OBJECTIVES", "RESCORE_FACTOR", "TASK_METRICS", "best_trial", "check_tasks", "feasible",
+__all__ = ["ACC_TOLERANCE", "OBJECTIVES", "RESCORE_FACTOR", "TASK_METRICS", "best_trial", "check_tasks", "pareto_front", "feasible",
            "loss_of", "mean_accuracy", "parse_tasks", "rank", "task_summary", "trial_loss", "zero_shot_scorer"]

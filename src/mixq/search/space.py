@@ -67,10 +67,25 @@ class SearchSpace:
         unknown = set(d) - {"granularity", "choices", "solver", "include", "fixed", "tied"}
         if unknown:
             raise PlanError(f"search space: unknown key(s) {', '.join(sorted(unknown))}")
-        fixed = tuple((str(r["match"]), LayerSpec.from_dict(r, f"fixed {r.get('match')!r}")) for r in d.get("fixed") or [])
-        return cls(tuple(str(parse_format(c).name) for c in d.get("choices") or DEFAULT_CHOICES),
-                   str(d.get("granularity", "block")), str(d.get("solver", "rtn")), tuple(d.get("include") or ()),
-                   fixed, tuple(tuple(t) for t in d.get("tied", DEFAULT_TIED)))
+        fixed = []
+        for i, r in enumerate(_list_of(d, "fixed", "mappings with 'match' and 'format'")):
+            if not isinstance(r, dict) or "match" not in r:
+                raise PlanError(f"search space: fixed[{i}] must be a mapping with 'match' (a layer name or 're:' "
+                                f"pattern) and 'format', got {r!r}")
+            fixed.append((str(r["match"]), LayerSpec.from_dict(r, f"fixed {r['match']!r}")))
+        choices = _list_of(d, "choices", "format names", default=list(DEFAULT_CHOICES))
+        tied = _list_of(d, "tied", "lists of layer names", default=[list(t) for t in DEFAULT_TIED])
+        for i, t in enumerate(tied):
+            if not isinstance(t, list) or not all(isinstance(x, str) for x in t):
+                raise PlanError(f"search space: tied[{i}] must be a list of layer names (e.g. [q_proj, k_proj, v_proj]), "
+                                f"got {t!r}")
+        for key in ("granularity", "solver"):
+            if key in d and not isinstance(d[key], str):
+                raise PlanError(f"search space: {key!r} must be a string, got {d[key]!r}")
+        return cls(tuple(str(parse_format(c).name) for c in choices),
+                   str(d.get("granularity", "block")), str(d.get("solver", "rtn")),
+                   tuple(map(str, _list_of(d, "include", "layer names or 're:' patterns"))), tuple(fixed),
+                   tuple(tuple(t) for t in tied))
 
     @classmethod
     def load(cls, path: str | Path) -> SearchSpace:
@@ -131,3 +146,16 @@ class SearchSpace:
             spec = LayerSpec.of(assignment[u.name], self.solver)
             rules += [(layer, spec) for layer in u.layers]
         return Plan(tuple(rules))
+
+
+def _list_of(d: dict[str, Any], key: str, what: str, default: list[Any] | None = None) -> list[Any]:
+    """``d[key]`` as a list (absent: ``default``, else empty); null, a string or a mapping is refused by name."""
+    if key not in d:
+        return [] if default is None else default
+    value = d[key]
+    if not isinstance(value, list):
+        raise PlanError(f"search space: {key!r} must be a list of {what}, got {type(value).__name__} {value!r}")
+    if key in ("choices", "include") and not all(isinstance(x, str) for x in value):
+        raise PlanError(f"search space: {key!r} must be a list of {what}, got {value!r}")
+    return value
+

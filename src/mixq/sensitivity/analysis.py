@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixq.errors import MixqError
@@ -59,25 +58,37 @@ def fisher(model: nn.Module, windows: Tensor, layers: list[str]) -> dict[str, di
     return {n: e.to_dict() for n, e in est.items()}
 
 
+LOG_PROB_BYTES = 2**31  # base log-probabilities held at once by ``measured`` (2 GiB)
+
+
 @torch.no_grad()
 def measured(model: nn.Module, windows: Tensor, layers: list[str], formats: list[str], *,
-             batch_size: int) -> dict[str, dict[str, float]]:
-    """KL(base ‖ model with only this layer quantized), mean per token, for each format."""
+             batch_size: int, memory_bytes: int = LOG_PROB_BYTES) -> dict[str, dict[str, float]]:
+    """KL(base ‖ model with only this layer quantized), mean per token, for each format.
+
+    The windows go in chunks whose base log-probabilities fit ``memory_bytes`` (at the default
+    128 × 2048 windows of a 49k vocabulary, all of them would take 51.5 GB); each chunk is
+    scored under every (layer, format), the quantized weight recomputed per chunk."""
+    from mixq.evaluate import kl_sum, log_probs
+
     dev = _device(model)
-    batches = [windows[i : i + batch_size].to(dev) for i in range(0, len(windows), batch_size)]
-    base = [F.log_softmax(model(b, use_cache=False).logits.float(), -1) for b in batches]
-    out: dict[str, dict[str, float]] = {}
-    for n in layers:
-        w = model.get_submodule(n).weight
-        original = w.data.clone()
-        out[n] = {}
-        for f in formats:
-            w.data.copy_(parse_format(f).fake_quantize(original))
-            total = sum(float(F.kl_div(F.log_softmax(model(b, use_cache=False).logits.float(), -1), p,
-                                       log_target=True, reduction="sum")) for b, p in zip(batches, base))
-            out[n][f] = total / windows[:, :].numel()
-        w.data.copy_(original)
-    return out
+    vocab = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") else None
+    per_window = windows.shape[1] * (vocab or 1) * 4
+    chunk = max(batch_size, (max(memory_bytes // per_window, 1) // batch_size) * batch_size)
+    totals = {n: {f: torch.zeros((), dtype=torch.float64, device=dev) for f in formats} for n in layers}
+    for c in range(0, len(windows), chunk):
+        batches = [windows[i : i + batch_size].to(dev) for i in range(c, min(c + chunk, len(windows)), batch_size)]
+        base = [log_probs(model, b) for b in batches]
+        for n in layers:
+            w = model.get_submodule(n).weight
+            original = w.data.clone()
+            for f in formats:
+                w.data.copy_(parse_format(f).fake_quantize(original))
+                for b, p in zip(batches, base):
+                    totals[n][f] += kl_sum(p, model, b)
+            w.data.copy_(original)
+        del base
+    return {n: {f: float(t) / windows.numel() for f, t in d.items()} for n, d in totals.items()}
 
 
 @torch.no_grad()

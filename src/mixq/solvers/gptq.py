@@ -72,17 +72,25 @@ def inverse_cholesky(gram: Tensor, damp: float) -> Tensor:
 
 
 def aligned_blocks(cols: int, group: int, block_size: int) -> list[tuple[int, int]]:
-    """Blocks of at most ``block_size`` columns whose edges include every group start."""
+    """Blocks of about ``block_size`` columns that never cut a group: groups no wider than a block
+    pack whole into blocks of ``block_size // group`` groups; a wider group is cut into the fewest
+    equal blocks that fit, so that each group starts on a block edge."""
     if group <= block_size:
-        step = (block_size // group) * group
-        edges = list(range(0, cols, step))
+        edges = list(range(0, cols, (block_size // group) * group))
     else:
         k = math.ceil(group / block_size)
         while group % k:
             k += 1
-        edges = sorted(set(range(0, cols, group // k)))
-    edges = sorted(set(edges) | set(range(0, cols, group)))
+        edges = sorted(set(range(0, cols, group // k)) | set(range(0, cols, group)))
     return [(a, b) for a, b in zip(edges, edges[1:] + [cols])]
+
+
+def group_spans(a: int, b: int, width: int, static: bool) -> list[tuple[int, int]]:
+    """The column ranges of block ``[a, b)`` between group starts (one range when the groups are
+    fitted before the sweep): each group's grid is fitted on the weights as they are when the
+    sweep reaches it, after the errors of the columns before it in the block."""
+    starts = [a] if static else sorted({a, *range(-(-a // width) * width, b, width)})
+    return list(zip(starts, starts[1:] + [b]))
 
 
 def prepare(weight: Tensor, gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -137,50 +145,58 @@ def solve_gptq(weight: Tensor, fmt: Format, gram: Tensor | None, options: GPTQOp
     return SolveResult(qt, w_hat, layer_loss(weight, w_hat, gram), outliers)
 
 
+def _fit_group(grid: ColumnGrid, col: int, w: Tensor, keep: Tensor | None) -> int:
+    """Fit the group starting at ``col`` on ``w`` (its columns from ``col``, current); returns the group."""
+    g = grid.group_of(col)
+    end = grid.span(g)[1]
+    src = w[:, col:end]
+    grid.fit(g, src if keep is None else src.masked_fill(keep[:, col:end], 0))
+    return g
+
+
 def _eager_columns(w: Tensor, hinv: Tensor, q: Tensor, grid: ColumnGrid, blocks: list[tuple[int, int]], static: bool,
                    order: list[int], keep: Tensor | None) -> None:
     """The column loop in PyTorch: ``q`` receives the solved columns (``w`` is consumed);
-    entries where ``keep`` is set keep their running value."""
+    entries where ``keep`` is set keep their running value.  Within a block, the columns of one
+    group span are swept with rank-one updates; a span's errors reach the rest of its block in
+    one product, the block's errors the columns after it in another (the lazy batch updates)."""
     for a, b in blocks:
-        w1 = w[:, a:b].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[a:b, a:b]
-        for i in range(b - a):
-            col = order[a + i]
-            if not static and col % grid.width == 0:
-                g = grid.group_of(col)
-                n = grid.span(g)[1] - col
-                # blocks are aligned to groups: a group inside this block is current in w1;
-                # a group longer than the block starts with it, and w is current there
-                src = w1[:, i : i + n] if i + n <= b - a else w[:, a : a + n]
-                grid.fit(g, src if keep is None else src.masked_fill(keep[:, a + i : a + i + src.shape[1]], 0))
-            wi = w1[:, i]
-            qi = grid.round(col, wi)
-            if keep is not None:
-                qi = torch.where(keep[:, a + i], wi, qi)
-            q[:, a + i] = qi
-            e = (wi - qi) / hinv1[i, i]
-            w1[:, i:].sub_(e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0))
-            err1[:, i] = e
-        w[:, b:].sub_(err1 @ hinv[a:b, b:])
+        err = torch.zeros_like(w[:, a:b])
+        for s0, s1 in group_spans(a, b, grid.width, static):
+            if not static and s0 % grid.width == 0:
+                _fit_group(grid, s0, w, keep)
+            for j in range(s0, s1):
+                col = order[j]
+                wj = w[:, j]
+                qj = grid.round(col, wj)
+                if keep is not None:
+                    qj = torch.where(keep[:, j], wj, qj)
+                q[:, j] = qj
+                e = (wj - qj) / hinv[j, j]
+                w[:, j:s1].sub_(e.unsqueeze(1) * hinv[j, j:s1].unsqueeze(0))
+                err[:, j - a] = e
+            if s1 < b:
+                w[:, s1:b].sub_(err[:, s0 - a : s1 - a] @ hinv[s0:s1, s1:b])
+        if b < w.shape[1]:
+            w[:, b:].sub_(err @ hinv[a:b, b:])
 
 
 def _fused_columns(w: Tensor, hinv: Tensor, q: Tensor, grid: ColumnGrid, blocks: list[tuple[int, int]], static: bool,
                    order: list[int], keep: Tensor | None) -> None:
-    """The same loop with one fused kernel launch per block (``kernels``)."""
+    """The same loop with one fused kernel launch per group span (``kernels``)."""
     rows, cols = w.shape
     hinv = hinv.contiguous()  # LAPACK's factor may come column-major
     fused = kernels.FusedGrid.of(grid, rows, order, w.device)  # static: every group fitted already
     keep8 = torch.zeros(1, cols, dtype=torch.int8, device=w.device) if keep is None else keep.to(torch.int8)
     err = torch.empty(rows, max(b - a for a, b in blocks), dtype=w.dtype, device=w.device)
     for a, b in blocks:
-        if not static:  # groups start on block edges (aligned_blocks), where w is current
-            for col in range(-(-a // grid.width) * grid.width, b, grid.width):
-                g = grid.group_of(col)
-                end = grid.span(g)[1]
-                grid.fit(g, w[:, col:end] if keep is None else w[:, col:end].masked_fill(keep[:, col:end], 0))
-                fused.set(g, grid.params[g])  # type: ignore[arg-type]
         e = err[:, : b - a]
-        kernels.sweep_block(0, w[:, a:b], q[:, a:b], e, hinv[a:b, a:], fused, keep8, a)
+        for s0, s1 in group_spans(a, b, grid.width, static):
+            if not static and s0 % grid.width == 0:
+                g = _fit_group(grid, s0, w, keep)
+                fused.set(g, grid.params[g])  # type: ignore[arg-type]
+            kernels.sweep_block(0, w[:, s0:s1], q[:, s0:s1], e[:, s0 - a : s1 - a], hinv[s0:s1, s0:], fused, keep8, s0)
+            if s1 < b:
+                w[:, s1:b].sub_(e[:, s0 - a : s1 - a] @ hinv[s0:s1, s1:b])
         if b < cols:
             w[:, b:].sub_(e @ hinv[a:b, b:])

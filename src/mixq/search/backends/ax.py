@@ -1,23 +1,9 @@
-"""Search backends behind one small interface, selectable by name.
-
-A proposer suggests assignments (unit name -> choice) and learns from results:
-
-    assignment, handle = proposer.ask()      # a proposal (may be over budget)
-    proposer.tell(handle, values)            # its objectives: (loss,) or (ppl, size) for a Pareto front
-    proposer.reject(handle)                  # over budget: dropped, never scored
-    proposer.add(assignment, values)         # a trial it did not propose (a start, a repaired proposal)
-
-* Optuna samplers (``random``, ``tpe``, ``nsga2``, ``nsga3``, ``qmc``, ``gp``), their study in
-  SQLite (``study.db``); the genetic samplers count added trials in their populations;
-* ``ax``: Bayesian optimisation through Ax's ``Client`` (a GP with analytic LogEI on log
-  perplexity, or on the loss itself where it is not a perplexity, after Sobol trials while fewer than ``SOBOL_TRIALS`` trials exist).  Each unit
-  is an *ordered numeric* choice whose values are the unit's exact bits per weight under
-  each choice, so the size budget is one linear parameter constraint and the GP's proposals
-  fit (Sobol's may not: those, like any proposal over budget, are rejected before they are
-  scored).  On resume the trials are replayed from ``trials.jsonl``, the study store for Ax;
-* ``evo``: mixq's local search (mutations of good trials, as EvoPress), recorded in an
-  Optuna study.
-"""
+"""``ax``: Bayesian optimisation through Ax's ``Client`` (a GP with analytic LogEI on log perplexity,
+or on the loss itself where it is not a perplexity, after Sobol trials while fewer than ``SOBOL_TRIALS``
+trials exist).  Each unit is an *ordered numeric* choice whose values are the unit's exact bits per
+weight under each choice, so the size budget is one linear parameter constraint and the GP's
+proposals fit (Sobol's may not: those, like any proposal over budget, are rejected before they are
+scored).  On resume the trials are replayed from ``trials.jsonl``, the study store for Ax."""
 
 from __future__ import annotations
 
@@ -26,122 +12,13 @@ import logging
 import math
 import random
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from mixq.errors import MixqError
+from mixq.search.backends.base import BackendContext, Budget, Fallback, register_backend
 from mixq.search.objective import loss_of
-
-BACKENDS = ("random", "tpe", "nsga2", "nsga3", "qmc", "gp", "evo", "ax")
-NSGA_POPULATION = 20  # five generations in a study of 100 trials (Optuna's default of 50 makes two)
-
-
-@dataclass(frozen=True)
-class Budget:
-    """The size budget as the searched units see it: the exact stored bits of each
-    (unit, choice), each unit's weight count, and the most bits the units may take
-    together (``None``: no budget, as in a Pareto search)."""
-
-    bits: Mapping[str, Mapping[str, int]]
-    weights: Mapping[str, int]
-    limit: float | None
-
-    def fits(self, assignment: Mapping[str, str]) -> bool:
-        return self.limit is None or sum(self.bits[u][c] for u, c in assignment.items()) <= self.limit
-
-
-@dataclass(frozen=True)
-class Fallback:
-    """The handle of a proposal the backend could not make (a random plan in its place);
-    the study records it as ``source: "random"`` and tells it back with ``add``."""
-
-    reason: str
-
-
-class Proposer(Protocol):
-    def ask(self) -> tuple[dict[str, str], Any]: ...
-
-    def tell(self, handle: Any, values: tuple[float, ...]) -> None: ...
-
-    def reject(self, handle: Any) -> None: ...
-
-    def add(self, assignment: dict[str, str], values: tuple[float, ...]) -> None: ...
-
-
-def _optuna_samplers() -> dict[str, Callable[[int], object]]:
-    import optuna
-
-    return {
-        "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
-        "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True),
-        "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=NSGA_POPULATION),
-        "nsga3": lambda seed: optuna.samplers.NSGAIIISampler(seed=seed, population_size=NSGA_POPULATION),
-        "qmc": lambda seed: optuna.samplers.QMCSampler(seed=seed),
-        "gp": lambda seed: optuna.samplers.GPSampler(seed=seed),
-    }
-
-
-class OptunaProposer:
-    def __init__(self, sampler: str, seed: int, units: list[str], choices: list[str], storage: str, resume: bool,
-                 objectives: int = 1) -> None:
-        import optuna
-        from optuna.distributions import CategoricalDistribution
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.optuna = optuna
-        self.study = optuna.create_study(study_name="mixq", storage=storage, sampler=_optuna_samplers()[sampler](seed),
-                                         directions=["minimize"] * objectives, load_if_exists=resume)
-        self.dists = {u: CategoricalDistribution(choices) for u in units}
-        # genetic samplers (NSGA-II/III) keep a generation number on each trial; an added trial
-        # joins generation 0 (a start) or the generation of the proposal it repairs
-        key = getattr(self.study.sampler, "_get_generation_key", None)
-        self.generation_key: str | None = key() if key is not None else None
-        self.generation = 0
-
-    def ask(self) -> tuple[dict[str, str], Any]:
-        trial = self.study.ask(self.dists)
-        return {u: trial.params[u] for u in self.dists}, trial
-
-    def tell(self, handle: Any, values: tuple[float, ...]) -> None:
-        self.study.tell(handle, list(values))
-
-    def reject(self, handle: Any) -> None:
-        if self.generation_key is not None:
-            frozen = self.study.get_trials(deepcopy=False)[handle.number]  # trial numbers index the study's trials
-            self.generation = frozen.system_attrs.get(self.generation_key, self.generation)
-        self.study.tell(handle, state=self.optuna.trial.TrialState.FAIL)
-
-    def add(self, assignment: dict[str, str], values: tuple[float, ...]) -> None:
-        attrs = {} if self.generation_key is None else {self.generation_key: self.generation}
-        self.study.add_trial(self.optuna.trial.create_trial(params=assignment, distributions=self.dists, values=list(values),
-                                                            system_attrs=attrs))
-
-
-class EvoProposer:
-    """Tournament selection among the finished trials, then a mutation (see ``mutate``)."""
-
-    def __init__(self, record: OptunaProposer, history: list[dict[str, Any]], step: Callable[[dict[str, str]], dict[str, str]],
-                 seed: int) -> None:
-        self.record, self.history, self.step = record, history, step
-        self.rng = random.Random(seed + len(history))
-
-    def ask(self) -> tuple[dict[str, str], Any]:
-        if not self.history:
-            return self.record.ask()[0], None
-        parent = min(self.rng.sample(self.history, min(3, len(self.history))), key=loss_of)
-        return self.step(parent["assignment"]), None
-
-    def tell(self, handle: Any, values: tuple[float, ...]) -> None:
-        raise AssertionError("evo proposals are recorded with add()")
-
-    def reject(self, handle: Any) -> None:
-        pass
-
-    def add(self, assignment: dict[str, str], values: tuple[float, ...]) -> None:
-        self.record.add(assignment, values)
-
 
 PROPOSAL_THREADS = 1  # a GP of ~100 points: more threads only add overhead (10x slower on a busy 2-core host)
 SOBOL_TRIALS = 5  # quasi-random trials before the GP, counting the starts (uniform plans, guided plans)
@@ -361,22 +238,9 @@ class AxProposer:
         self.client.complete_trial(index, raw_data={self.metric: self.transform(values[0])})
 
 
-MULTI_OBJECTIVE = ("random", "tpe", "nsga2", "nsga3", "qmc")
+@register_backend("ax", multi_objective=False, help="Bayesian optimisation (Ax Client, GP + LogEI)")
+def _ax(c: BackendContext) -> AxProposer:
+    return AxProposer(c.seed, c.units, c.choices, c.history, c.budget, c.log_loss)
 
 
-def check_backend(name: str, objectives: int = 1) -> None:
-    if name not in BACKENDS:
-        raise MixqError(f"unknown backend {name!r} (one of {', '.join(BACKENDS)})")
-    if objectives > 1 and name not in MULTI_OBJECTIVE:
-        raise MixqError(f"backend {name!r} searches one objective; a Pareto front needs one of {', '.join(MULTI_OBJECTIVE)}")
-
-
-def make_proposer(name: str, *, seed: int, units: list[str], choices: list[str], storage: str, resume: bool,
-                  history: list[dict[str, Any]], step: Callable[[dict[str, str]], dict[str, str]],
-                  objectives: int = 1, budget: Budget | None = None, log_loss: bool = True) -> Proposer:
-    check_backend(name, objectives)
-    if name == "ax":
-        return AxProposer(seed, units, choices, history, budget, log_loss)
-    if name == "evo":
-        return EvoProposer(OptunaProposer("random", seed, units, choices, storage, resume), history, step, seed)
-    return OptunaProposer(name, seed, units, choices, storage, resume, objectives)
+__all__ = ["AxProposer", "neighbours"]

@@ -1,38 +1,64 @@
-"""``mixq search`` and ``mixq report``."""
+"""``mixq search``: per-unit formats under a size budget (or a Pareto front), then the final table on the test split."""
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-from mixq.cli import load_for, parse_size, provenance_record, say, setup_run
+from mixq.commands.common import (add_shared, calibration, load_for, parse_size, provenance_record, say, setup_run,
+                                  solver_options)
 from mixq.errors import MixqError
+from mixq.provenance import versions
 
+NAME = "search"
 REQUANTIZE_TRIALS = 3  # trials of the reload-and-requantize loop timed after the search
 
 
-def _versions(*packages: str) -> dict[str, str | None]:
-    from importlib import metadata
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    se = subparsers.add_parser("search", help="search per-layer formats under a size budget")
+    se.add_argument("--space", default=None, help="search space file (YAML/JSON); default: block granularity, int2..int8")
+    se.add_argument("--objective", default="ppl", choices=["ppl", "pareto", "acc"],
+                    help="ppl: lowest perplexity on validation windows within the budget (with --min-acc: among plans "
+                         "accurate enough); pareto: the perplexity/size front; acc: highest mean zero-shot accuracy over "
+                         "--tasks within the budget")
+    se.add_argument("--tasks", default=None,
+                    help="comma-separated zero-shot tasks (arc_easy, piqa, lambada_openai, copa, openbook_qa, siqa from "
+                         "the data directory, or lm-eval task names), scored in every trial on the first --task-limit "
+                         "examples of each and in the final table; needed by --objective acc and --min-acc")
+    se.add_argument("--task-limit", type=int, default=200, metavar="N",
+                    help="examples of each task per trial: the first N, the same in every trial (default 200)")
+    se.add_argument("--task-metric", default="acc", choices=["acc", "acc_norm"],
+                    help="the per-task accuracy averaged over --tasks into a trial's acc: acc (the choice of highest "
+                         "log-likelihood) or acc_norm (lm-eval's, log-likelihood per character); default acc")
+    se.add_argument("--min-acc", type=float, default=None, metavar="X",
+                    help="with --objective ppl: a plan whose mean accuracy over --tasks (on the trial subset) is below X "
+                         "(0..1) is infeasible: recorded, never the best")
+    se.add_argument("--final-task-limit", type=int, default=None, metavar="N",
+                    help="examples of each task in the final table (default: all)")
+    se.add_argument("--max-size", default=None, help="model size budget, e.g. 100MB, 95MiB, 1.5GB or bytes")
+    se.add_argument("--max-bits", type=float, default=None, help="average bits per quantized weight budget")
+    se.add_argument("--backend", default="tpe", help="tpe, nsga2, nsga3, qmc, random, gp (Optuna), ax (Bayesian optimisation), evo (local search)")
+    se.add_argument("--trials", type=int, default=100)
+    se.add_argument("--run-dir", required=True, help="where the study, trials and report are kept")
+    se.add_argument("--resume", action="store_true", help="continue the study in --run-dir")
+    se.add_argument("--final-limit", type=int, default=None, help="test windows for the final table (default: all)")
+    se.add_argument("--initial", action="append", default=[], metavar="PLAN", help="a plan to evaluate first (repeatable)")
+    se.add_argument("--sens", default=None, help="sensitivity file (mixq sensitivity): guided starts from it")
+    se.add_argument("--starts", type=int, default=4, help="with --sens: how many guided starts (default 4)")
+    add_shared(se)
+    return se
 
-    out: dict[str, str | None] = {}
-    for p in packages:
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            out[p] = None
-    return out
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    from mixq.data import load_text, tokenize, windows
+def run(args: argparse.Namespace) -> int:
+    from mixq.data import bos_rule, model_windows
     from mixq.errors import PlanError
     from mixq.evaluate import perplexity
     from mixq.plan import Plan
-    from mixq.search import SearchConfig, SearchSpace, run_search
+    from mixq.search import SearchConfig, SearchSpace, Start, run_search
     from mixq.search.objective import (
         RESCORE_FACTOR,
         check_tasks,
@@ -43,10 +69,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         task_summary,
         zero_shot_scorer,
     )
+    from mixq.search.cache import WeightCache
+    from mixq.search.objective import pareto_front
     from mixq.search.report import write_report
-    from mixq.search.study import SizeModel, Start, Store, WeightCache, guided_starts, pareto_front, requantize_seconds
+    from mixq.search.size import SizeModel
+    from mixq.search.starts import guided_starts
+    from mixq.search.store import Store
+    from mixq.search.timing import requantize_seconds
+    from mixq.quantize import quantized_copy
 
-    device, dtype, batch = setup_run(args)
+    run_ = setup_run(args)
+    device, dtype, batch = run_.device, run_.dtype, run_.batch_size
     if args.max_size is None and args.max_bits is None and args.objective != "pareto":
         raise MixqError("give a budget: --max-size or --max-bits (or --objective pareto)")
     if args.trials < 1:
@@ -70,20 +103,22 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise MixqError(f"sensitivity file not found: {args.sens}")
         sens = json.loads(Path(args.sens).read_text())
     t_load = time.perf_counter()
-    loaded = load_for(args, device, dtype)
+    loaded = load_for(args, run_)
     load_seconds = time.perf_counter() - t_load
     model = loaded.model
-    val = tokenize(loaded.tokenizer, load_text("wikitext2", "validation", root=args.data_dir))
     limit = args.limit or 4
-    score = windows(val, args.seqlen, limit=limit)
-    rescore = windows(val, args.seqlen, limit=RESCORE_FACTOR * limit)
-    test = windows(tokenize(loaded.tokenizer, load_text("wikitext2", "test", root=args.data_dir)), args.seqlen, limit=args.final_limit)
+
+    def text_windows(split: str, n: int | None) -> Any:
+        return model_windows(model, loaded.tokenizer, "wikitext2", split, args.seqlen, root=args.data_dir, limit=n)
+
+    score, rescore, test = text_windows("validation", limit), text_windows("validation", RESCORE_FACTOR * limit), \
+        text_windows("test", args.final_limit)
+    bos = bos_rule(model, loaded.tokenizer)
 
     def scorer(task_limit: int | None, stderr: bool = False):  # type: ignore[no-untyped-def]
-        gemma = getattr(model.config, "model_type", "").startswith("gemma")  # as mixq eval: BOS before each context
         return zero_shot_scorer(loaded.tokenizer, tasks, data_dir=args.data_dir, limit=task_limit,
                                 batch_size=args.batch_size or (64 if device.startswith("cuda") else 8), device=device,
-                                add_bos=gemma, stderr=stderr)
+                                add_bos=bos is not None, stderr=stderr)
 
     identity = loaded.identity()
     meta = {"model": args.model, "model_sha256": identity["sha256"], "space": space.to_dict(), **config.describe(),
@@ -101,7 +136,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                         progress=not args.json, zero_shot=scorer(config.task_limit) if tasks else None)
     # multi-fidelity: re-score the best few on more windows (accuracy: on more task examples), then the final table
     cache = WeightCache.for_space(model, space, units)
-    top = sorted({json.dumps(t["assignment"], sort_keys=True): t for t in trials}.values(), key=rank)[:5]
+    top = sorted({json.dumps(t["assignment"], sort_keys=True): t for t in trials}.values(), key=rank)[:config.rescore_top]
     wider = None if config.task_limit is None else RESCORE_FACTOR * config.task_limit
     for t in top:
         cache.apply(units, t["assignment"])
@@ -128,20 +163,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     final_tasks = scorer(args.final_task_limit, stderr=True) if tasks else None
 
     def final(label: str, plan: Any, calibration: Any = None) -> dict[str, Any]:
-        from mixq.quantize import quantize_
-
-        m = model if not plan.resolve(model) else copy.deepcopy(model)
         t0 = time.perf_counter()
-        if m is not model:
-            quantize_(m, plan, calibration=calibration, device=device, batch_size=batch)
-        rep = plan.size_report(model)
-        row = {"label": label, "ppl": perplexity(m, test, batch_size=batch).ppl, "bits_per_weight": rep.bits_per_weight,
-               "size_bytes": rep.size_bytes}
-        if final_tasks is not None:
-            table = final_tasks(m)
-            row.update({"acc": mean_accuracy(table, config.task_metric), "tasks": task_summary(table)})
+        with quantized_copy(model, plan, calibration=calibration, device=device, batch_size=batch) as (m, _):
+            rep = plan.size_report(model)
+            row = {"label": label, "ppl": perplexity(m, test, batch_size=batch).ppl,
+                   "bits_per_weight": rep.bits_per_weight, "size_bytes": rep.size_bytes}
+            if final_tasks is not None:
+                table = final_tasks(m)
+                row.update({"acc": mean_accuracy(table, config.task_metric), "tasks": task_summary(table)})
         row["seconds"] = time.perf_counter() - t0
-        del m
         return row
 
     def fits(p: Any) -> bool:
@@ -171,14 +201,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     rows.append(final("best searched plan", best_plan))
     solver = args.solver
     if solver is not None and solver != space.solver:  # the best plan (and the uniform one it beats) re-solved
-        from mixq.cli import _calibration, _solver_options
-
-        opts = _solver_options(args)
+        opts = solver_options(args)
         plans = [("best searched plan", best_plan)]
         if top_uniform is not None:
             plans.append((f"{top_uniform} uniform", Plan.uniform(top_uniform)))
         plans = [(label, p.with_solver(solver, opts)) for label, p in plans]
-        calib = _calibration(args, loaded.tokenizer, [p for _, p in plans])
+        calib = calibration(args, loaded, [p for _, p in plans])
         described = " ".join([solver, *(f"{k}={v}" for k, v in opts.items())])
         for label, p in plans:
             say(args, f"re-solving {label} with {described}")
@@ -211,7 +239,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                              "load_seconds": load_seconds},
               "solver_note": f"{space.solver} for every trial and for the final plans (cached per layer and choice)"
                              + (f"; rows marked 're-solved' use {solver}" if solver and solver != space.solver else ""),
-              "search_versions": _versions("ax-platform", "botorch", "optuna"),
+              "search_versions": versions("ax-platform", "botorch", "optuna"),
               "best": best, "provenance": provenance_record(args, identity, device)}
     if tasks:
         rescored = (f"; the best {len(top)} re-scored on up to the first {wider} examples, the best plan chosen on those"
@@ -230,26 +258,3 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from mixq.search.objective import best_trial, feasible
-    from mixq.search.report import write_report
-    from mixq.search.study import Store
-
-    run_dir = Path(args.run_dir)
-    path = run_dir / "report.json"
-    if not path.is_file():
-        trials = Store(run_dir).trials()
-        if not trials:
-            raise MixqError(f"{run_dir} holds no search (no report.json, no trials.jsonl)")
-        best = best_trial(trials)
-        meta = run_dir / "config.json"
-        objective = json.loads(meta.read_text()).get("objective") if meta.is_file() else None
-        what = (f"best acc on the scoring subset {best['acc']:.4f} (ppl {best['ppl']:.4f})" if objective == "acc"
-                else f"best ppl on the scoring windows {best['ppl']:.4f}")
-        if not feasible(best):
-            what += f" (no trial meets the accuracy bound; closest acc {best['acc']:.4f})"
-        print(f"{len(trials)} trials so far (no final report yet); {what} at {best['bits_per_weight']:.4f} bits/weight")
-        return 0
-    write_report(run_dir, json.loads(path.read_text()), Store(run_dir).trials())
-    print((run_dir / "report.md").read_text())
-    return 0

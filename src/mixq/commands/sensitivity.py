@@ -1,19 +1,39 @@
-"""``mixq sensitivity`` and ``mixq allocate``."""
+"""``mixq sensitivity``: per-layer Hessian trace (Hutchinson), Fisher trace (FIT) and measured KL."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
-from mixq.cli import parse_size, provenance_record, say, setup_run
+from mixq.commands.common import add_shared, provenance_record, say, setup_run
 from mixq.errors import MixqError
 
-def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from mixq.data import calibration_windows, load_text, tokenize
+NAME = "sensitivity"
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    sn = subparsers.add_parser("sensitivity", help="per-layer Hessian trace, Fisher trace (FIT) and measured KL")
+    sn.add_argument("--method", default="fit", help="comma-separated: hessian, fit, measured")
+    sn.add_argument("--formats", default="int4-g128,int3-g128", help="formats for FIT scores and measured KL")
+    sn.add_argument("--out", required=True, help="sens.json (a .csv and a .png are written beside it)")
+    sn.add_argument("--max-iter", type=int, default=100, help="Hutchinson probes at most")
+    sn.add_argument("--tol", type=float, default=1e-2, help="stop once every stderr < tol x |trace|")
+    sn.add_argument("--max-time", type=float, default=None, metavar="SECONDS",
+                    help="Hutchinson: stop after this long (at least two probes; the standard errors say how far it got)")
+    sn.add_argument("--per-layer", action="store_true", help="Hutchinson one layer at a time (less memory)")
+    sn.add_argument("--probe-windows", type=int, default=None, metavar="N",
+                    help="Hutchinson: each probe uses the next N calibration windows, cycling (default: all); "
+                         "many cheap probes beat a few exact ones")
+    add_shared(sn)
+    return sn
+
+
+
+def run(args: argparse.Namespace) -> int:
+    from mixq.data import model_windows, tensor_sha256
     from mixq.formats import parse_format
     from mixq.models import load_model, quantizable_layers
     from mixq.plan import Plan
@@ -24,7 +44,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     if unknown or not methods:
         raise MixqError(f"unknown sensitivity method {', '.join(unknown) or '(none)'} (one of {', '.join(analysis.METHODS)})")
     formats = [parse_format(f).name for f in args.formats.split(",") if f.strip()]
-    device, dtype, batch = setup_run(args)
+    run_ = setup_run(args)
+    device, dtype, batch = run_.device, run_.dtype, run_.batch_size
     if "hessian" in methods and dtype == "float16":
         dtype = "float32"  # second derivatives in fp16 overflow; the trace is taken in fp32
     if device.startswith("cuda") and dtype == "float32":
@@ -39,11 +60,15 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     layers = list(quantizable_layers(model))
     if not layers:
         raise MixqError("the model has no quantizable Linear layer")
-    ids = tokenize(loaded.tokenizer, load_text(args.calib_dataset, args.calib_split, root=args.data_dir))
-    win = calibration_windows(ids, args.nsamples, args.seqlen, seed=args.seed)
+    win = model_windows(model, loaded.tokenizer, args.calib_dataset, args.calib_split, args.seqlen, root=args.data_dir,
+                        nsamples=args.nsamples, seed=args.seed)
     out = Path(args.out)
+    # the resume key: every input of the scores, the calibration windows by their hash
     meta = {"model": args.model, "sha256": loaded.identity()["sha256"], "nsamples": args.nsamples, "seqlen": args.seqlen,
-            "seed": args.seed, "formats": formats}
+            "seed": args.seed, "formats": formats, "calibration": {"dataset": args.calib_dataset, "split": args.calib_split,
+                                                                  "windows_sha256": tensor_sha256(win)},
+            "dtype": dtype, "hessian": {"max_iter": args.max_iter, "tol": args.tol, "per_layer": args.per_layer,
+                                        "probe_windows": args.probe_windows, "max_time": args.max_time}}
     sens: dict[str, Any] = {}
     if out.is_file():  # resume: keep what a previous run with the same settings finished
         old = json.loads(out.read_text())
@@ -136,21 +161,3 @@ def _sensitivity_outputs(args: argparse.Namespace, sens: dict[str, Any], out: Pa
             print(f"  Spearman {k}: {v:+.3f}")
 
 
-def cmd_allocate(args: argparse.Namespace) -> int:
-    from mixq.sensitivity.allocate import JITTER, allocate, plan_of
-
-    path = Path(args.sens)
-    if not path.is_file():
-        raise MixqError(f"sensitivity file not found: {path}")
-    sens = json.loads(path.read_text())
-    max_size = None if args.max_size is None else parse_size(args.max_size)
-    out = Path(args.out)
-    for k in range(max(args.starts, 1)):
-        choice = allocate(sens, max_bits=args.max_bits, max_size=max_size, jitter=0.0 if k == 0 else JITTER,
-                          seed=args.seed + k)
-        target = out if k == 0 else out.with_name(f"{out.stem}-{k}{out.suffix}")
-        plan_of(choice).save(target)
-        params = sum(d["params"] for d in sens["layers"].values())
-        bits = sum(sens["layers"][n]["bits"][f] for n, f in choice.items())
-        print(f"{target}: {bits / params:.4f} bits/weight, {math.ceil((bits + sens['other_bits']) / 8):,} bytes")
-    return 0

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from typing import Any
 
-from mixq.cli import _plans, provenance_record, say, setup_run
+from mixq.commands.common import add_device_options, add_solver_options, parse_plans, provenance_record, say, setup_run
 from mixq.errors import MixqError
 from mixq.models import DEFAULT_ENCODER
 
@@ -26,38 +25,26 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=1000, help="sentences to embed (the first N; default 1000)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per sentence at most (default: the model's, 256 for MiniLM)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration sentences (calibrated solvers; default 128)")
-    p.add_argument("--calib-dataset", default="wikitext2", help="calibration text (default wikitext2)")
-    p.add_argument("--calib-split", default="validation")
     p.add_argument("--data-dir", default=None, help="data directory (default: $MIXQ_DATA_DIR)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: float16 on cuda, float32 on cpu)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32, help="sentences per forward pass (default 32)")
+    g = p.add_argument_group("device")
+    add_device_options(g, batch_default=32, batch_help="sentences per forward pass (default 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object per plan on stdout")
-    c = p.add_argument_group("solvers")
-    c.add_argument("--solver", default=None, help="rtn, gptq, quantease, gptq+quantease (default: the plan's, else rtn)")
-    c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="solver option for every layer")
-    c.add_argument("--outliers", type=float, default=None, help="outlier-aware QuantEase: fraction of weights kept in 16 bits")
-    c.add_argument("--structured", action="store_true", help="with --outliers: whole columns")
-    c.add_argument("--keep-columns", type=float, default=None, help="GPTQ: fraction of input columns kept in 16 bits")
-    p.set_defaults(command_line=None)
+    add_solver_options(p, calibration=False)
     return p
 
 
-def cmd_embed_eval(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from mixq.data import load_text
     from mixq.evaluate.embeddings import (Pooling, compare, encode, max_length_of, sample_sentences, sentence_batch,
                                           text_sentences)
     from mixq.models import load_encoder, resolve_model
-    from mixq.quantize import quantize_
+    from mixq.quantize import quantized_copy
 
     pooling = Pooling.from_folder(resolve_model(args.model).path)
-    if args.seqlen is None:
-        args.seqlen = pooling.max_length or 512
-    if args.batch_size < 1:
-        raise MixqError(f"--batch-size must be positive, got {args.batch_size}")
-    device, dtype, _ = setup_run(args)
-    plans = _plans(args.plan, args)
+    seqlen = args.seqlen if args.seqlen is not None else pooling.max_length or 512
+    run_ = setup_run(args)
+    device, dtype = run_.device, run_.dtype
+    plans = parse_plans(args.plan, args)
     sentences = text_sentences(load_text(args.dataset, args.split, root=args.data_dir), limit=args.limit)
     if len(sentences) < 2:
         raise MixqError(f"{args.dataset}/{args.split} gives {len(sentences)} sentence(s); at least two are needed")
@@ -66,7 +53,7 @@ def cmd_embed_eval(args: argparse.Namespace) -> int:
     base = loaded.model
     for _, plan in plans:
         plan.size_report(base)  # refuse a bad plan before any work
-    length = min(args.seqlen, max_length_of(base, pooling))
+    length = min(seqlen, max_length_of(base, pooling))
     calib, calib_record = None, None
     if any(p.needs_calibration() for _, p in plans):
         if args.nsamples < 1:
@@ -84,28 +71,24 @@ def cmd_embed_eval(args: argparse.Namespace) -> int:
     prov = provenance_record(args, loaded.identity(), device)
     rows = []
     for label, plan in plans:
-        model = base if not plan.resolve(base) else copy.deepcopy(base)
-        q = None
-        if model is not base:
-            q = quantize_(model, plan, calibration=calib, device=device, batch_size=args.batch_size,
-                          progress=not args.json, log=lambda m: say(args, m))
-        emb = ref if model is base else encode(model, loaded.tokenizer, sentences, pooling=pooling,
-                                               batch_size=args.batch_size, max_length=length)
+        with quantized_copy(base, plan, calibration=calib, device=device, batch_size=args.batch_size,
+                            progress=not args.json, log=lambda m: say(args, m)) as (model, q):
+            emb = ref if model is base else encode(model, loaded.tokenizer, sentences, pooling=pooling,
+                                                   batch_size=args.batch_size, max_length=length)
         drift = compare(ref, emb)
         report = plan.size_report(base)
         row: dict[str, Any] = {"label": label, "plan": plan.describe(), **drift.to_dict(),
                                "bits_per_weight": report.bits_per_weight, "size_bytes": report.size_bytes,
-                               "dataset": args.dataset, "split": args.split, "max_length": length,
-                               "pooling": pooling.to_dict(), "quantize_seconds": q.seconds if q else 0.0,
-                               "size": report.to_dict(), "calibration": calib_record if q else None, "provenance": prov}
+                               "quantized_layers": report.layers, "dataset": args.dataset, "split": args.split,
+                               "max_length": length, "pooling": pooling.to_dict(),
+                               "quantize_seconds": q.seconds if q else 0.0, "size": report.to_dict(),
+                               "calibration": calib_record if q else None, "provenance": prov}
         rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)
         else:
             say(args, f"{label}: mean cosine {drift.mean_cosine:.5f}, top-1 agreement {drift.top1_agreement:.3f}, "
                       f"{report.bits_per_weight:.3f} bits/weight, {report.size_bytes:,} bytes")
-        if model is not base:
-            del model
     if not args.json:
         _table(rows, args)
     return 0

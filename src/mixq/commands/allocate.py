@@ -1,0 +1,45 @@
+"""``mixq allocate``: a plan from sensitivity scores and a budget (greedy, then exchanges)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from mixq.commands.common import parse_size
+from mixq.errors import MixqError
+
+NAME = "allocate"
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    al = subparsers.add_parser("allocate", help="a plan from sensitivity scores and a budget")
+    al.add_argument("--sens", required=True)
+    al.add_argument("--max-bits", type=float, default=None)
+    al.add_argument("--max-size", default=None)
+    al.add_argument("--out", required=True, help="plan file (.yaml or .json)")
+    al.add_argument("--starts", type=int, default=1, help="also write N-1 randomised variants (OUT-1.yaml, ...)")
+    al.add_argument("--seed", type=int, default=0)
+    return al
+
+
+def run(args: argparse.Namespace) -> int:
+    from mixq.sensitivity.allocate import JITTER, allocate, plan_of
+
+    path = Path(args.sens)
+    if not path.is_file():
+        raise MixqError(f"sensitivity file not found: {path}")
+    sens = json.loads(path.read_text())
+    max_size = None if args.max_size is None else parse_size(args.max_size)
+    out = Path(args.out)
+    for k in range(max(args.starts, 1)):
+        choice = allocate(sens, max_bits=args.max_bits, max_size=max_size, jitter=0.0 if k == 0 else JITTER,
+                          seed=args.seed + k)
+        target = out if k == 0 else out.with_name(f"{out.stem}-{k}{out.suffix}")
+        plan_of(choice).save(target)
+        params = sum(d["params"] for d in sens["layers"].values())
+        bits = sum(sens["layers"][n]["bits"][f] for n, f in choice.items())
+        print(f"{target}: {bits / params:.4f} bits/weight, {math.ceil((bits + sens['other_bits']) / 8):,} bytes")
+    return 0

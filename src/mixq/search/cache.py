@@ -1,0 +1,56 @@
+"""The weight cache: fake-quantized weights per (layer, choice), computed once; a trial only swaps them in."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mixq.formats import parse_format
+from mixq.search.space import SearchSpace, Unit
+
+
+class WeightCache:
+    """Fake-quantized weights per (layer, choice), computed once; a trial only swaps them in.
+
+    Kept on the model's device. Only data-free solvers (RTN) are cached; calibrated
+    solvers are applied to the final plan (see the report).  ``pinned`` layers (the space's
+    fixed ones) take their format in every trial.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[str], pinned: dict[str, str] | None = None) -> None:
+        self.model = model
+        self.pinned = dict(pinned or {})
+        self.original = {n: model.get_submodule(n).weight.detach().clone() for n in [*layers, *self.pinned]}
+        self.cache: dict[tuple[str, str], Tensor] = {}
+
+    def weight(self, layer: str, choice: str) -> Tensor:
+        key = (layer, choice)
+        if key not in self.cache:
+            w = self.original[layer]
+            self.cache[key] = parse_format(choice).fake_quantize(w).to(w.dtype)
+        return self.cache[key]
+
+    @torch.no_grad()
+    def apply(self, units: list[Unit], assignment: dict[str, str]) -> None:
+        for u in units:
+            for layer in u.layers:
+                self.model.get_submodule(layer).weight.data.copy_(self.weight(layer, assignment[u.name]))
+        for layer, choice in self.pinned.items():
+            self.model.get_submodule(layer).weight.data.copy_(self.weight(layer, choice))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for n, w in self.original.items():
+            self.model.get_submodule(n).weight.data.copy_(w)
+
+    @classmethod
+    def for_space(cls, model: nn.Module, space: SearchSpace, units: list[Unit]) -> WeightCache:
+        """The cache of a space's searched layers, its fixed layers pinned to their formats."""
+        from mixq.plan import Plan
+
+        searched = [n for u in units for n in u.layers]
+        fixed = Plan(space.fixed).resolve(model) if space.fixed else {}
+        return cls(model, searched, {n: spec.format.name for n, spec in fixed.items() if n not in searched})
+
+
+__all__ = ["WeightCache"]

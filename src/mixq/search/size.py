@@ -1,0 +1,119 @@
+"""Exact size of any assignment of a space, the budget it must meet, and moves that respect it:
+``repair`` (step down until the plan fits, then spend what is left) and ``mutate`` (a local step)."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+from torch import nn
+
+from mixq.errors import PlanError
+from mixq.formats import parse_format
+from mixq.search.backends import Budget
+from mixq.search.config import SearchConfig
+from mixq.search.space import SearchSpace, Unit
+
+
+def cost_order(space: SearchSpace, shape: tuple[int, int]) -> list[str]:
+    return sorted(space.choices, key=lambda c: parse_format(c).bits_per_weight(shape))
+
+
+def repair(space: SearchSpace, units: list[Unit], assignment: dict[str, str], fits) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Step the most expensive units down one choice at a time until ``fits(assignment)``,
+    then lift the cheapest ones while the plan still fits."""
+    order = cost_order(space, (4096, 4096))
+    a = dict(assignment)
+    while not fits(a):
+        candidates = [u for u in units if order.index(a[u.name]) > 0]
+        if not candidates:
+            raise PlanError("no plan of this space fits the budget")
+        worst = max(candidates, key=lambda u: (order.index(a[u.name]), -units.index(u)))
+        a[worst.name] = order[order.index(a[worst.name]) - 1]
+    # then spend what is left: lift the cheapest units one choice while the plan still fits
+    changed = True
+    while changed:
+        changed = False
+        for u in sorted(units, key=lambda u: order.index(a[u.name])):
+            i = order.index(a[u.name])
+            if i + 1 < len(order):
+                trial = {**a, u.name: order[i + 1]}
+                if fits(trial):
+                    a, changed = trial, True
+    return a
+
+
+class SizeModel:
+    """Exact bits/weight and bytes of any assignment, by summing per-(layer, choice) bits
+    computed once (the same counts as ``Plan.size_report``, without building a plan)."""
+
+    def __init__(self, space: SearchSpace, units: list[Unit], model: nn.Module) -> None:
+        from mixq.solvers import get_solver
+
+        first = {u.name: space.choices[0] for u in units}
+        rep = space.plan(units, first).size_report(model)
+        solver = get_solver(space.solver)
+        opts = solver.options({})
+        self.units = units
+        self.bits: dict[tuple[str, str], int] = {}
+        self.params = {u.name: sum(model.get_submodule(n).weight.numel() for n in u.layers) for u in units}
+        for u in units:
+            for c in space.choices:
+                fmt = parse_format(c)
+                total = 0
+                for layer in u.layers:
+                    shape = tuple(model.get_submodule(layer).weight.shape)
+                    total += fmt.storage_bits(shape) + solver.extra_bits(opts, shape)
+                self.bits[(u.name, c)] = total
+        searched = sum(self.bits[(u.name, first[u.name])] for u in units)
+        self.fixed_bits = rep.quantized_bits - searched  # pinned layers
+        self.other_bits = rep.other_bits
+        self.weights = rep.quantized_weights
+
+    def __call__(self, assignment: dict[str, str]) -> tuple[float, int]:
+        q = self.fixed_bits + sum(self.bits[(u.name, assignment[u.name])] for u in self.units)
+        return q / self.weights, math.ceil((q + self.other_bits) / 8)
+
+    def budget(self, config: SearchConfig) -> Budget:
+        """The budget as a bound on the searched units' summed bits (exactly ``config.budget_ok``:
+        the whole model's bytes are the ceiling of its bits / 8)."""
+        limits = []
+        if config.max_bits is not None:
+            limits.append((config.max_bits + 1e-12) * self.weights - self.fixed_bits)
+        if config.max_size is not None:
+            limits.append(8 * config.max_size - self.other_bits - self.fixed_bits)
+        bits = {u.name: {c: b for (n, c), b in self.bits.items() if n == u.name} for u in self.units}
+        return Budget(bits, dict(self.params), min(limits) if limits else None)
+
+
+def mutate(space: SearchSpace, units: list[Unit], parent: dict[str, str], fits, rng: random.Random,  # type: ignore[no-untyped-def]
+           moves: int = 2) -> dict[str, str]:
+    """A local step (as EvoPress's search): ``moves`` random units one choice up, as many one
+    choice down (in cost order), then repaired to fit the budget."""
+    order = cost_order(space, (4096, 4096))
+    a = dict(parent)
+    for _ in range(moves):
+        up, down = rng.sample(units, 2) if len(units) > 1 else (units[0], units[0])
+        i = order.index(a[up.name])
+        a[up.name] = order[min(i + 1, len(order) - 1)]
+        j = order.index(a[down.name])
+        a[down.name] = order[max(j - 1, 0)]
+    return a if fits(a) else repair(space, units, a, fits)
+
+
+def check_budget(space: SearchSpace, units: list[Unit], size: SizeModel, config: SearchConfig) -> None:
+    """Refuse a budget that no plan of the space meets, saying by how much."""
+    if config.max_bits is not None and not 0 < config.max_bits <= 16:
+        raise PlanError(f"--max-bits must be in (0, 16], got {config.max_bits}")
+    cheapest = cost_order(space, (4096, 4096))[0]
+    bits, nbytes = size({u.name: cheapest for u in units})
+    if config.max_bits is not None and bits > config.max_bits:
+        raise PlanError(f"infeasible budget: the smallest plan of this space averages {bits:.4f} bits/weight, "
+                        f"{bits - config.max_bits:.4f} above --max-bits {config.max_bits}")
+    if config.max_size is not None and nbytes > config.max_size:
+        raise PlanError(f"infeasible budget: the smallest plan of this space takes {nbytes:,} bytes, "
+                        f"{nbytes - config.max_size:,} more than --max-size {config.max_size:,}")
+
+
+__all__ = ["SizeModel", "check_budget", "cost_order", "mutate", "repair"]
