@@ -9,7 +9,7 @@ model and the search ask the same question, so a plan's prediction uses the kern
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -117,12 +117,17 @@ def candidates(backend: str) -> list[Kernel]:
     return [k for k in KERNELS.values() if k.backend == backend]
 
 
-def choose_kernel(fmt: Format, shape: tuple[int, int], dtype: torch.dtype, backend: str = "auto") -> tuple[Kernel | None, str]:
-    """The first kernel of ``backend`` that serves this layer, or None and every kernel's reason."""
+def choose_kernel(fmt: Format, shape: tuple[int, int], dtype: torch.dtype, backend: str = "auto", *,
+                  available: Collection[str] | None = None) -> tuple[Kernel | None, str]:
+    """The first kernel of ``backend`` that serves this layer, or None and every kernel's reason.
+
+    ``available`` names the kernels to consider (default: those installed here); the latency
+    model passes the kernels its table was measured with.
+    """
     reasons = []
     for k in candidates(backend):
-        if not k.installed():
-            reasons.append(f"{k.name}: not installed (pip install {k.backend})")
+        if not (k.installed() if available is None else k.name in available):
+            reasons.append(f"{k.name}: not installed (pip install {k.backend})" if available is None else f"{k.name}: not measured")
             continue
         why = k.check(fmt, shape, dtype)
         if why is None:

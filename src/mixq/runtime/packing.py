@@ -41,7 +41,12 @@ def kernel_group(fmt: IntFormat, cols: int, allowed: tuple[int, ...] | None) -> 
     ``GEMLITE_ALIGN``).  Per-channel and per-tensor parameters repeat over any width.
     None when no allowed width divides both mixq's group and the row.
     """
-    span = cols if fmt.per_tensor or fmt.group_size is None else math.gcd(fmt.group_width(cols), cols)
+    if fmt.per_tensor or fmt.group_size is None:
+        span = cols
+    elif fmt.group_size > cols:
+        return None  # the format does not apply to this row
+    else:
+        span = math.gcd(fmt.group_size, cols)
     if allowed is None:
         return span if span % GEMLITE_ALIGN == 0 else None
     return next((g for g in allowed if span % g == 0), None)
