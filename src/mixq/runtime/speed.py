@@ -146,6 +146,8 @@ def decode_speed(model: nn.Module, *, batch: int, prompt: int = 32, steps: int =
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, prompt), generator=gen).to(device)
     dec = Decoder(model, ids, max_len=prompt + 2 * warmup + 1 + steps)
+    if compile:
+        torch._dynamo.reset()  # every plan and batch compiles afresh, never against the recompile limit
     step: Callable[[], None] = torch.compile(dec.step, dynamic=False) if compile else dec.step
     if graphs:
         stream = torch.cuda.Stream(device)
@@ -189,3 +191,41 @@ def memory_gib(device: torch.device) -> dict[str, float] | None:
     if device.type != "cuda":
         return None
     return {"allocated_gib": torch.cuda.memory_allocated(device) / GIB, "peak_gib": torch.cuda.max_memory_allocated(device) / GIB}
+
+
+@torch.no_grad()
+def plan_speed(model: nn.Module, plan: Any, *, batches: tuple[int, ...], prompt: int, steps: int, prefill: int,
+               backend: str = "auto", required: bool = False, graphs: bool = True, compile: bool = False,
+               log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Quantize ``model`` in place with ``plan`` (RTN: speed does not depend on the values), put
+    its layers on kernels (on CUDA), and measure decode at each batch, prefill and memory."""
+    from mixq.quantize import quantize_
+    from mixq.runtime.apply import apply_kernels
+
+    device = next(model.parameters()).device
+    size = plan.size_report(model)
+    row: dict[str, Any] = {"bits_per_weight": size.bits_per_weight, "size_bytes": size.size_bytes, "kernels": None}
+    if plan.rules or plan.default is not None:
+        q = quantize_(model, plan.with_solver("rtn"))
+        if device.type == "cuda":
+            report = apply_kernels(model, q.layers, backend=backend, required=required)
+            row["kernels"] = report.to_dict()
+            if log:
+                log(f"  kernels: {report.counts()}, {len(report.fallback)} layer(s) stay fake-quant")
+        del q
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    row["weights_gib"] = memory_gib(device)["allocated_gib"] if device.type == "cuda" else None
+    row["decode"] = {}
+    for b in batches:
+        d = decode_speed(model, batch=b, prompt=prompt, steps=steps, graphs=graphs, compile=compile)
+        row["decode"][str(b)] = d.to_dict()
+        if log:
+            log(f"  decode batch {b}: {d.tokens_per_s:.1f} tok/s ({d.ms_per_step:.3f} ms/step)")
+    row["prefill"] = prefill_speed(model, tokens=prefill) if prefill else None
+    if log and row["prefill"]:
+        log(f"  prefill {prefill}: {row['prefill']['tokens_per_s']:.0f} tok/s")
+    mem = memory_gib(device)
+    row["peak_gib"] = None if mem is None else mem["peak_gib"]
+    return row
