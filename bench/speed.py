@@ -134,6 +134,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--verbose", action="store_true", help="print every layer latency")
+    ap.add_argument("--gemlite-config", default=None, help="gemlite autotune results to load (saved to OUT/gemlite_config.json)")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     args.prefill_plans = set(args.prefill_plans.split(","))
@@ -144,6 +145,9 @@ def main() -> None:
         import gemlite
 
         gemlite_version = gemlite.__version__
+        if args.gemlite_config and Path(args.gemlite_config).is_file():
+            gemlite.load_config(args.gemlite_config)
+            say(f"loaded gemlite autotune results from {args.gemlite_config}")
     except ImportError:
         gemlite_version = None
     out = Path(args.out)
@@ -168,6 +172,8 @@ def main() -> None:
     result = {"models": models, "batches": args.batches, "new_tokens": args.new_tokens, "prompt": args.prompt,
               "prefill": args.prefill, "gemlite": gemlite_version, "latency_table": {table_.device: table_.to_dict()},
               "provenance": provenance(model=None, seed=0, device="cuda", command=command)}
+    if gemlite_version:
+        gemlite.cache_config(str(out / "gemlite_config.json"))  # autotuning takes minutes: reuse it with --gemlite-config
     (out / "speed.json").write_text(json.dumps(result, indent=1))
     table_.save(out / "latency_table.json")
     (out / "speed_h200.md").write_text(markdown(result, command))

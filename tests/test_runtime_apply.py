@@ -61,6 +61,8 @@ def test_serves_answers_for_targets():
     assert serves(parse_format("int4-g128"), (4096, 4096), "torchao")
     assert not serves(parse_format("int2-g64"), (4096, 4096), "torchao")
     assert serves(parse_format("int2-g64"), (4096, 4096), "gemlite")  # installed or not
+    assert not serves(parse_format("int8"), (576, 576), "gemlite")  # rows gemlite's blocks do not tile
+    assert serves(parse_format("int8"), (576, 576), "auto")  # torchao's int8 takes it
     assert not serves(parse_format("nf4-g64"), (4096, 4096), "auto")
     assert not serves(parse_format("int4-g128"), (4096, 4096), "torchao", torch.float16)  # tinygemm is bf16 only
     with pytest.raises(KernelError, match="unknown kernel backend"):

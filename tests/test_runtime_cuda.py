@@ -26,7 +26,6 @@ CASES = [  # (kernel, format, out, in)
     ("torchao.int8_weight_only", "int8-sym", 192, 576),
     ("gemlite", "int8", 256, 4096),
     ("gemlite", "int4-g128", 256, 4096),
-    ("gemlite", "int4-g128", 192, 576),
     ("gemlite", "int4", 256, 1024),
     ("gemlite", "int2-g64", 256, 2048),
     ("gemlite", "int8-g128", 256, 1024),

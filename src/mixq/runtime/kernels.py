@@ -73,6 +73,8 @@ def _check_gemlite(fmt: Format, shape: tuple[int, int], dtype: torch.dtype) -> s
         return f"gemlite takes 8/4/2-bit integer formats with an integer zero point, not {fmt.name}"
     if packing.kernel_group(f, shape[1], None) is None:
         return f"gemlite needs groups divisible by {packing.GEMLITE_ALIGN} that tile a row of {shape[1]} ({fmt.name})"
+    if shape[1] % packing.GEMLITE_K_MULTIPLE:
+        return f"gemlite needs in_features divisible by {packing.GEMLITE_K_MULTIPLE}, got {shape[1]}"
     if dtype not in (torch.bfloat16, torch.float16):
         return f"gemlite runs on 16-bit activations, the model is {str(dtype).removeprefix('torch.')}"
     return None

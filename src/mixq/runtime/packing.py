@@ -32,6 +32,7 @@ TINYGEMM_INNER_K_TILES = (8, 4, 2)  # innerKTiles _convert_weight_to_int4pack ac
 TINYGEMM_N_TILE = 8  # output rows per tile of the packed layout
 GEMLITE_BITS = (8, 4, 2, 1)  # GemLiteLinearTriton.SUPPORTED_BITS_TRITON minus 16
 GEMLITE_ALIGN = 32  # gemlite: in_features and group sizes divisible by 32 (its README)
+GEMLITE_K_MULTIPLE = 256  # its largest BLOCK_SIZE_K: 576-wide rows gave NaN at batch 16 on an H200 (gemlite 0.6.0.post2)
 
 
 def kernel_group(fmt: IntFormat, cols: int, allowed: tuple[int, ...] | None) -> int | None:
