@@ -81,17 +81,22 @@ def test_uniform_and_mixed_plans_sum_their_layers(lm):
 
 def test_kernels_come_from_the_table_not_from_this_machine(lm):
     model, rest = lm
-    # a table measured with gemlite alone: int4 layers take gemlite, int8 too
+    # a table without tinygemm: int4 layers fall back to the 16-bit Linear (gemlite does not
+    # take 64-wide rows), int8 ones take the int8 kernel that was measured
     t = LatencyTable("x")
     for shape, (b, i4, i8) in TIMES.items():
         t.layers[layer_key(shape, BASE, BASE, 1)] = b * 1e-6
-        t.layers[layer_key(shape, "int4-g32", "gemlite", 1)] = 2e-6
+        t.layers[layer_key(shape, "int8", INT8, 1)] = 2e-6
     t.rest["tiny|1"] = 100e-6
     g = LatencyModel(t, model.shapes, "tiny", 1, model=model.model)
-    assert g.kernel_for((64, 64), "int4-g32") == "gemlite"
+    assert g.kernel_for((64, 64), "int4-g32") == BASE
+    assert g.kernel_for((64, 64), "int8") == INT8
     assert g.kernel_for((64, 64), None) == BASE
-    assert g.predict(Plan.uniform("int4-g32")) == pytest.approx(100e-6 + (14 * 2 + 20) * 1e-6)
-    with pytest.raises(MixqError, match=r"no measurement '64x64\|int8\|gemlite\|1'"):
+    assert g.predict(Plan.uniform("int4-g32")) == pytest.approx(100e-6 + (2 * (10 + 8 + 8 + 10 + 12 + 12 + 12) + 20) * 1e-6)
+    assert g.predict(Plan.uniform("int8")) == pytest.approx(100e-6 + (14 * 2 + 20) * 1e-6)
+    assert model.kernel_for((64, 64), "int8") == INT8  # gemlite first in auto order, but not measured
+    t.layers.pop(layer_key((64, 64), "int8", INT8, 1))
+    with pytest.raises(MixqError, match=r"no measurement '64x64\|int8\|torchao.int8_weight_only\|1'"):
         g.predict(Plan.uniform("int8"))
     with pytest.raises(MixqError, match="rest-of-model"):
         LatencyModel(t, model.shapes, "other", 1, model=model.model).predict(Plan())
