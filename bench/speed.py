@@ -168,7 +168,8 @@ def main() -> None:
             from mixq.models import load_model
 
             base = load_model(args.smollm2, dtype="bfloat16", device="cuda").model
-        models["smollm2-135m"] = bench_model("smollm2-135m", base, chosen, args, table_)
+        label = "smollm2-135m (random weights)" if args.smollm2 == "random" else f"smollm2-135m ({args.smollm2})"
+        models[label] = bench_model("smollm2-135m", base, chosen, args, table_)
     result = {"models": models, "batches": args.batches, "new_tokens": args.new_tokens, "prompt": args.prompt,
               "prefill": args.prefill, "gemlite": gemlite_version, "latency_table": {table_.device: table_.to_dict()},
               "provenance": provenance(model=None, seed=0, device="cuda", command=command)}

@@ -34,7 +34,7 @@ from mixq.errors import MixqError
 from mixq.formats import Format, parse_format
 from mixq.plan import Plan
 from mixq.runtime.kernels import KERNELS, choose_kernel, serves
-from mixq.runtime.speed import timed
+from mixq.runtime.speed import module_bytes, timed
 
 TABLE_VERSION = 1
 BASE = "bf16"  # the format and kernel name of an unquantized Linear (F.linear in the model's 16-bit dtype)
@@ -209,10 +209,6 @@ def _random_layer(shape: tuple[int, int], fmt: str, kernel: str, *, dtype: torch
     return KERNELS[kernel].build(f, f.quantize(w), None, dtype, device)
 
 
-def _bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
-
-
 @torch.no_grad()
 def layer_latency(shape: tuple[int, int], fmt: str, kernel: str, batch: int, *, dtype: torch.dtype = torch.bfloat16,
                   device: torch.device | str = "cuda") -> float:
@@ -222,7 +218,7 @@ def layer_latency(shape: tuple[int, int], fmt: str, kernel: str, batch: int, *, 
         raise MixqError("layer latencies are measured on CUDA")
     first = _random_layer(shape, fmt, kernel, dtype=dtype, device=device)
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    copies = max(1, math.ceil(L2_MULTIPLE * l2 / max(_bytes(first), 1)))
+    copies = max(1, math.ceil(L2_MULTIPLE * l2 / max(module_bytes(first), 1)))
     layers = [first] + [copy.deepcopy(first) for _ in range(copies - 1)]
     x = torch.randn(batch, shape[1], device=device, dtype=dtype)
     calls = max(CALLS_PER_GRAPH, copies)

@@ -187,12 +187,6 @@ def prefill_speed(model: nn.Module, *, tokens: int = 2048, reps: int = 3, seed: 
     return {"tokens": tokens, "ms": 1000 * seconds, "tokens_per_s": tokens / seconds}
 
 
-def memory_gib(device: torch.device) -> dict[str, float] | None:
-    if device.type != "cuda":
-        return None
-    return {"allocated_gib": torch.cuda.memory_allocated(device) / GIB, "peak_gib": torch.cuda.max_memory_allocated(device) / GIB}
-
-
 @torch.no_grad()
 def plan_speed(model: nn.Module, plan: Any, *, batches: tuple[int, ...], prompt: int, steps: int, prefill: int,
                backend: str = "auto", required: bool = False, graphs: bool = True, compile: bool = False,
@@ -203,6 +197,8 @@ def plan_speed(model: nn.Module, plan: Any, *, batches: tuple[int, ...], prompt:
     from mixq.runtime.apply import apply_kernels
 
     device = next(model.parameters()).device
+    # memory the caller holds besides this model (e.g. the base it was copied from), left out of the figures
+    others = torch.cuda.memory_allocated(device) - module_bytes(model) if device.type == "cuda" else 0
     size = plan.size_report(model)
     row: dict[str, Any] = {"bits_per_weight": size.bits_per_weight, "size_bytes": size.size_bytes, "kernels": None}
     if plan.rules or plan.default is not None:
@@ -216,7 +212,7 @@ def plan_speed(model: nn.Module, plan: Any, *, batches: tuple[int, ...], prompt:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    row["weights_gib"] = memory_gib(device)["allocated_gib"] if device.type == "cuda" else None
+    row["weights_gib"] = (torch.cuda.memory_allocated(device) - others) / GIB if device.type == "cuda" else None
     row["decode"] = {}
     for b in batches:
         d = decode_speed(model, batch=b, prompt=prompt, steps=steps, graphs=graphs, compile=compile)
@@ -226,6 +222,11 @@ def plan_speed(model: nn.Module, plan: Any, *, batches: tuple[int, ...], prompt:
     row["prefill"] = prefill_speed(model, tokens=prefill) if prefill else None
     if log and row["prefill"]:
         log(f"  prefill {prefill}: {row['prefill']['tokens_per_s']:.0f} tok/s")
-    mem = memory_gib(device)
-    row["peak_gib"] = None if mem is None else mem["peak_gib"]
+    row["peak_gib"] = (torch.cuda.max_memory_allocated(device) - others) / GIB if device.type == "cuda" else None
     return row
+
+
+def module_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (a tied tensor once)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
