@@ -106,8 +106,8 @@ KERNELS: dict[str, Kernel] = {
         Kernel("gemlite", "gemlite", _check_gemlite, _build_gemlite, gemlite_installed),
     )
 }
-#: "auto" tries these in order: tinygemm for 4 bits, gemlite (when installed) for 8 and 2 bits
-#: (its GEMV needs no torch.compile), torchao's int8 otherwise
+#: "auto" tries these in order: tinygemm for 4 bits, gemlite (when installed) for 8 and 2 bits,
+#: torchao's int8 otherwise (it needs torch.compile to fuse its cast into the matmul)
 AUTO_ORDER = ("torchao.int4_tinygemm", "gemlite", "torchao.int8_weight_only")
 
 

@@ -6,8 +6,8 @@ Each is built from a layer's solved codes (``QTensor``) and keeps no float weigh
   ``aten._weight_int4pack_mm`` on CUDA (bfloat16 activations) and PyTorch also ships for
   CPU (``_weight_int4pack_mm_for_cpu``, another packed layout; used by the CPU tests).
 * ``Int8WeightOnlyLinear``: torchao's weight-only int8 (``Int8Tensor``): a matmul on the
-  cast codes, then the channel scale; fast only where ``torch.compile`` fuses the cast into
-  the matmul, as torchao's own benchmarks run it.
+  cast codes, then the channel scale; it can only beat 16 bits where ``torch.compile`` fuses
+  the cast into the matmul (torchao's benchmarks run it compiled).
 * gemlite's ``GemLiteLinearTriton`` (Triton), built by ``gemlite_linear``.
 """
 

@@ -3,9 +3,10 @@
 Decode runs the Hugging Face model on a static KV cache.  On CUDA one decode step
 (forward, greedy argmax, position increment) is captured once as a CUDA graph and
 replayed: no host work or kernel launch overhead between tokens, for every plan alike.
-``compile`` first wraps the step in ``torch.compile`` (fusing elementwise work and, for
-torchao's int8 weight-only layers, the cast into the matmul) and captures the compiled
-step.  The timed replays come after warm-up steps (which also run each Triton kernel's
+``compile`` first wraps the step in ``torch.compile`` (fusing the elementwise work between
+the matmuls; torchao's int8 weight-only path also counts on it to fuse the cast into the
+matmul, which inductor did not do at batch 1 on an H200: bench/results/speed_compile_h200.md)
+and captures the compiled step.  The timed replays come after warm-up steps (which also run each Triton kernel's
 autotuning at this batch size).
 
 ``random_model`` builds a model of a known shape with random weights directly on the
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from mixq.errors import MixqError
+from mixq.plan import Plan
 
 #: Llama-architecture shapes (from each model's config.json)
 SHAPES: dict[str, dict[str, Any]] = {
@@ -188,7 +190,7 @@ def prefill_speed(model: nn.Module, *, tokens: int = 2048, reps: int = 3, seed: 
 
 
 @torch.no_grad()
-def plan_speed(model: nn.Module, plan: Any, *, batches: tuple[int, ...], prompt: int, steps: int, prefill: int,
+def plan_speed(model: nn.Module, plan: Plan, *, batches: tuple[int, ...], prompt: int, steps: int, prefill: int,
                backend: str = "auto", required: bool = False, graphs: bool = True, compile: bool = False,
                log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Quantize ``model`` in place with ``plan`` (RTN: speed does not depend on the values), put
