@@ -12,6 +12,7 @@ from mixq.calibration.sequential import _call_block, _input_groups, capture_inpu
 from mixq.cli import main
 from mixq.errors import PlanError
 from mixq.formats import parse_format
+from mixq.models import Matrix
 from mixq.plan import Plan
 from mixq.quantize import quantize_
 
@@ -31,20 +32,61 @@ def test_gram_running_mean():
     assert g.tokens == 150 and torch.equal(g.absmax, flat.abs().amax(0))
 
 
-def test_block_propagation_matches_the_model(model, calib):
-    batches = capture_inputs(model, calib, model.model.layers[0], batch_size=4, device=torch.device("cpu"))
-    assert [len(h) for h, _ in batches] == [4, 2]
+def _gemma3(**extra):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    return Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"], **extra))
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=4))
+
+
+FAMILIES = {"llama": lambda: __import__("conftest").tiny_llama(), "gemma3-mixed": _gemma3, "mistral-sliding": _mistral}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_propagation_matches_the_model(family):
+    """Every block fed its own captured arguments, in turn, reproduces the model's hidden
+    states exactly (Gemma-3's sliding blocks see another mask than its full ones: the
+    arguments of block 0 for all gave 2.85 after block 1)."""
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    ids = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(1))
+    captured = capture_inputs(model, ids, batch_size=4, device=torch.device("cpu"))
+    blocks = model.model.layers
+    assert [len(h) for h in captured.hidden] == [4, 2] and len(captured.kwargs) == len(blocks)
     with torch.no_grad():
-        hidden = model(calib, output_hidden_states=True).hidden_states
-        assert torch.equal(torch.cat([h for h, _ in batches]), hidden[0])
-        out = [(_call_block(model.model.layers[0], h, kw), kw) for h, kw in batches]
-    assert torch.allclose(torch.cat([h for h, _ in out]), hidden[1], atol=1e-6)
+        reference = model(ids, output_hidden_states=True).hidden_states  # embeddings, blocks 1..L-1, final norm
+        hidden = captured.hidden
+        assert torch.equal(torch.cat(hidden), reference[0])
+        for b, block in enumerate(blocks):
+            hidden = [_call_block(block, h, kw) for h, kw in zip(hidden, captured.kwargs[b])]
+            out = torch.cat(hidden)
+            assert torch.equal(out if b + 1 < len(blocks) else model.model.norm(out), reference[b + 1]), b
+
+
+def test_blocks_share_the_model_argument_objects():
+    """Gemma-3 gives its sliding and full blocks two masks and two rotary embeddings, each held once."""
+    model = _gemma3().eval()
+    captured = capture_inputs(model, torch.randint(0, 300, (2, 16)), batch_size=2, device=torch.device("cpu"))
+    for key in ("attention_mask", "position_embeddings"):  # a full-attention mask may be None (causal SDPA)
+        values = [kw[0][key] for kw in captured.kwargs]
+        assert values[0] is values[2] and values[1] is values[3] and values[0] is not values[1], key
 
 
 def test_input_groups_in_execution_order(model, calib):
-    batches = capture_inputs(model, calib, model.model.layers[0], batch_size=6, device=torch.device("cpu"))
-    names = {n: n for n, _ in model.model.layers[0].named_modules() if n.endswith("proj")}
-    assert _input_groups(model.model.layers[0], names, batches[0]) == [
+    captured = capture_inputs(model, calib, batch_size=6, device=torch.device("cpu"))
+    block = model.model.layers[0]
+    targets = {n: Matrix(n, m) for n, m in block.named_modules() if n.endswith("proj")}
+    assert _input_groups(targets, lambda: _call_block(block, captured.hidden[0], captured.kwargs[0][0])) == [
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
         ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
@@ -69,9 +111,10 @@ class _Chain(torch.nn.Module):
 @pytest.mark.parametrize("rows,dim", [(4, 64), (64, 256), (512, 512)])
 def test_input_groups_ignore_reused_addresses(rows, dim):
     block, x = _Chain(dim), torch.randn(rows, dim)
+    targets = {k: Matrix(k, getattr(block, k)) for k in "abcd"}
     with torch.no_grad():
         for _ in range(3):
-            assert _input_groups(block, {k: k for k in "abcd"}, (x, {})) == [["a"], ["b"], ["c"], ["d"]]
+            assert _input_groups(targets, lambda: block(x)) == [["a"], ["b"], ["c"], ["d"]]
 
 
 def test_gptq_pipeline_reduces_reconstruction_error(model, calib):

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from mixq.errors import MixqError, PlanError
 from mixq.evaluate import perplexity
 from mixq.formats import parse_format
+from mixq.models import each_matrix, matrix_by_name
 from mixq.search.backends import Budget, Fallback, check_backend, make_proposer
 from mixq.search.objective import OBJECTIVES, TASK_METRICS, mean_accuracy, rank, task_summary, trial_loss
 from mixq.search.space import SearchSpace, Unit
@@ -106,28 +107,29 @@ class WeightCache:
     def __init__(self, model: nn.Module, layers: list[str], pinned: dict[str, str] | None = None) -> None:
         self.model = model
         self.pinned = dict(pinned or {})
-        self.original = {n: model.get_submodule(n).weight.detach().clone() for n in [*layers, *self.pinned]}
+        self.matrices = {n: matrix_by_name(model, n) for n in [*layers, *self.pinned]}
+        self.original = {n: m.get().detach().clone() for n, m in self.matrices.items()}
         self.cache: dict[tuple[str, str], Tensor] = {}
 
     def weight(self, layer: str, choice: str) -> Tensor:
         key = (layer, choice)
         if key not in self.cache:
             w = self.original[layer]
-            self.cache[key] = parse_format(choice).fake_quantize(w).to(w.dtype)
+            self.cache[key] = each_matrix(w, parse_format(choice).fake_quantize).to(w.dtype)
         return self.cache[key]
 
     @torch.no_grad()
     def apply(self, units: list[Unit], assignment: dict[str, str]) -> None:
         for u in units:
             for layer in u.layers:
-                self.model.get_submodule(layer).weight.data.copy_(self.weight(layer, assignment[u.name]))
+                self.matrices[layer].set(self.weight(layer, assignment[u.name]))
         for layer, choice in self.pinned.items():
-            self.model.get_submodule(layer).weight.data.copy_(self.weight(layer, choice))
+            self.matrices[layer].set(self.weight(layer, choice))
 
     @torch.no_grad()
     def restore(self) -> None:
         for n, w in self.original.items():
-            self.model.get_submodule(n).weight.data.copy_(w)
+            self.matrices[n].set(w)
 
     @classmethod
     def for_space(cls, model: nn.Module, space: SearchSpace, units: list[Unit]) -> WeightCache:
@@ -189,14 +191,14 @@ class SizeModel:
         opts = solver.options({})
         self.units = units
         self.bits: dict[tuple[str, str], int] = {}
-        self.params = {u.name: sum(model.get_submodule(n).weight.numel() for n in u.layers) for u in units}
+        self.params = {u.name: sum(matrix_by_name(model, n).numel for n in u.layers) for u in units}
         for u in units:
             for c in space.choices:
                 fmt = parse_format(c)
                 total = 0
                 for layer in u.layers:
-                    shape = tuple(model.get_submodule(layer).weight.shape)
-                    total += fmt.storage_bits(shape) + solver.extra_bits(opts, shape)
+                    m = matrix_by_name(model, layer)
+                    total += (fmt.storage_bits(m.shape) + solver.extra_bits(opts, m.shape)) * m.count
                 self.bits[(u.name, c)] = total
         searched = sum(self.bits[(u.name, first[u.name])] for u in units)
         self.fixed_bits = rep.quantized_bits - searched  # pinned layers
@@ -422,19 +424,20 @@ def requantize_seconds(model: nn.Module, space: SearchSpace, units: list[Unit], 
 
     plans = [space.plan(units, a) for a in assignments]
     layers = {n for p in plans for n in p.resolve(model)}
-    host = {n: model.get_submodule(n).weight.detach().to("cpu", copy=True) for n in layers}
+    matrices = {n: matrix_by_name(model, n) for n in layers}
+    host = {n: m.get().detach().to("cpu", copy=True) for n, m in matrices.items()}
     out = []
     try:
         for plan in plans:
             t = time.perf_counter()
             for n, w in host.items():
-                model.get_submodule(n).weight.copy_(w)
+                matrices[n].set(w)
             quantize_(model, plan.with_solver("rtn"))
             perplexity(model, score_windows, batch_size=batch_size)
             out.append(time.perf_counter() - t)
     finally:
         for n, w in host.items():
-            model.get_submodule(n).weight.copy_(w)
+            matrices[n].set(w)
     return out
 
 

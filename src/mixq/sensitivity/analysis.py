@@ -1,5 +1,10 @@
-"""Sensitivity of a causal LM's Linear layers: Hessian trace, Fisher trace (FIT), and the
-measured KL to the base model when one layer alone is quantized."""
+"""Sensitivity of a causal LM's quantizable matrices: Hessian trace, Fisher trace (FIT), and
+the measured KL to the base model when one layer alone is quantized.
+
+The traces are taken with respect to each layer's parameter as stored (a Conv1D's
+``[in, out]``, a stack of experts ``[E, out, in]``): a trace is the same for any arrangement of the
+parameter's elements, so no transpose needs undoing.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from torch import Tensor, nn
 
 from mixq.errors import MixqError
 from mixq.formats import parse_format
+from mixq.models import each_matrix, matrix_by_name
 from mixq.sensitivity.estimators import fisher_trace, hutchinson_trace, shifted_nll
 
 METHODS = ("hessian", "fit", "measured")
@@ -21,7 +27,7 @@ def _weights(model: nn.Module, layers: list[str]) -> dict[str, Tensor]:
     model.requires_grad_(False)
     params = {}
     for n in layers:
-        w = model.get_submodule(n).weight
+        w = matrix_by_name(model, n).param
         w.requires_grad_(True)
         params[n] = w
     return params
@@ -68,15 +74,15 @@ def measured(model: nn.Module, windows: Tensor, layers: list[str], formats: list
     base = [F.log_softmax(model(b, use_cache=False).logits.float(), -1) for b in batches]
     out: dict[str, dict[str, float]] = {}
     for n in layers:
-        w = model.get_submodule(n).weight
-        original = w.data.clone()
+        matrix = matrix_by_name(model, n)
+        original = matrix.get().clone()
         out[n] = {}
         for f in formats:
-            w.data.copy_(parse_format(f).fake_quantize(original))
+            matrix.set(each_matrix(original, parse_format(f).fake_quantize))
             total = sum(float(F.kl_div(F.log_softmax(model(b, use_cache=False).logits.float(), -1), p,
                                        log_target=True, reduction="sum")) for b, p in zip(batches, base))
             out[n][f] = total / windows[:, :].numel()
-        w.data.copy_(original)
+        matrix.set(original)
     return out
 
 
@@ -85,15 +91,16 @@ def geometry(model: nn.Module, layers: list[str], formats: list[str]) -> dict[st
     """Per layer: parameter count, exact stored bits and squared quantization error of each format."""
     out = {}
     for n in layers:
-        w = model.get_submodule(n).weight.detach().float()
+        matrix = matrix_by_name(model, n)
+        w = matrix.get().detach().float()
         out[n] = {"params": w.numel(), "bits": {}, "noise": {}}
         for f in formats:
             fmt = parse_format(f)
             try:
-                out[n]["bits"][f] = fmt.storage_bits(tuple(w.shape))
+                out[n]["bits"][f] = fmt.storage_bits(matrix.shape) * matrix.count
             except MixqError as e:
                 raise MixqError(f"layer {n!r}: {e}") from None
-            out[n]["noise"][f] = float((fmt.fake_quantize(w) - w).pow(2).sum())
+            out[n]["noise"][f] = float((each_matrix(w, fmt.fake_quantize) - w).pow(2).sum())
     return out
 
 
