@@ -185,3 +185,48 @@ def test_search_covers_every_matrix(family, family_dir, wiki_dir, capsys, tmp_pa
     assert len(trials) == 4
     for t in trials:
         assert Plan.from_dict(t["plan"]).size_report(model).quantized_weights == elements
+
+
+# -- encoders on the causal path -------------------------------------------------------------
+def _save(path: Path, model_cls: str, config_cls: str = "BertConfig", **config) -> Path:
+    import transformers
+
+    base = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64)
+    torch.manual_seed(0)
+    getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**base, **config})).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_the_causal_loader_refuses_encoders_and_other_heads(tmp_path):
+    from mixq.errors import ModelError
+    from mixq.models import load_model
+
+    for cls in ("BertModel", "BertForSequenceClassification", "BertLMHeadModel"):
+        with pytest.raises(ModelError, match="is an encoder.*mixq embed-eval"):
+            load_model(_save(tmp_path / cls, cls))
+    with pytest.raises(ModelError, match="LlamaForSequenceClassification, not a causal LM"):
+        load_model(_save(tmp_path / "llama-cls", "LlamaForSequenceClassification", "LlamaConfig", pad_token_id=0))
+    decoder = load_model(_save(tmp_path / "bert-decoder", "BertLMHeadModel", is_decoder=True))  # a causal BERT
+    assert type(decoder.model).__name__ == "BertLMHeadModel"
+
+
+def test_quantize_keeps_a_classification_head(tmp_path):
+    """``load_for_quantize`` loads the folder's own class; the head is calibrated like any layer."""
+    from mixq.models import load_for_quantize
+    from mixq.plan import LayerSpec, Plan
+    from mixq.quantize import quantize_
+
+    folder = _save(tmp_path / "bert-cls", "BertForSequenceClassification", num_labels=3)
+    model = load_for_quantize(folder).model
+    assert type(model).__name__ == "BertForSequenceClassification"
+    ids = torch.randint(0, 257, (6, 16), generator=torch.Generator().manual_seed(4))
+    head = model.classifier.weight.detach().clone()
+    plan = Plan(rules=(("classifier", LayerSpec.of("int4-g32", "gptq")),), default=LayerSpec.of("int4-g32", "gptq"))
+    layer = quantize_(model, plan, calibration=ids, batch_size=3).layers["classifier"]
+    assert layer.rel_error < layer.rtn_rel_error and not torch.equal(model.classifier.weight, head)
+    model.save_pretrained(tmp_path / "out")
+    reloaded = load_for_quantize(tmp_path / "out").model
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
