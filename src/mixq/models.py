@@ -1,7 +1,9 @@
 """Loading models (Hugging Face folder, GGUF file, named default) and naming their layers.
 
-Causal LMs load with ``load_model``, encoders (BERT family) with ``load_encoder``; both
-name their transformer blocks and Linear layers the same way.
+Causal LMs load with ``load_model`` (which refuses other models), encoders (BERT family)
+with ``load_encoder``, a model to quantize and save with ``load_for_quantize`` (the class
+its folder names, heads included).  Every weight mixq quantizes is a ``Matrix``, named the
+same way in all of them (``candidate_matrices``).
 """
 
 from __future__ import annotations
@@ -131,7 +133,8 @@ class LoadedModel:
 
 def load_model(spec: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu",
                attn_implementation: str | None = None) -> LoadedModel:
-    """Load a causal LM and its tokenizer; GGUF weights are dequantised by transformers."""
+    """Load a causal LM and its tokenizer; GGUF weights are dequantised by transformers.
+    A folder holding another kind of model is refused (``check_causal``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:

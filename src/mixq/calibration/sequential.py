@@ -171,6 +171,10 @@ def capture_inputs(model: nn.Module, windows: Calibration, *, batch_size: int, d
     return BlockInputs(hidden, kwargs)
 
 
+def _first_argument(args: tuple, kwargs: dict[str, Any]) -> Tensor:
+    return args[0] if args else next(iter(kwargs.values()))
+
+
 def _by_module(targets: dict[str, Matrix]) -> dict[int, tuple[nn.Module, list[str]]]:
     out: dict[int, tuple[nn.Module, list[str]]] = {}
     for name, m in targets.items():
@@ -199,7 +203,7 @@ def _input_groups(targets: dict[str, Matrix], run: Callable[[], object]) -> list
             groups.extend([n] for n in fresh)
             last.clear()
             return
-        x = args[0] if args else next(iter(kwargs.values()))
+        x = _first_argument(args, kwargs)
         prev = last[0] if last else None
         same = (prev is not None and x.data_ptr() == prev.data_ptr() and x.shape == prev.shape
                 and x.stride() == prev.stride() and x._version == version[0])
@@ -256,7 +260,7 @@ def _expert_inputs(matrix: Matrix, module: nn.Module, args: tuple, kwargs: dict[
         rows = (route == e).any(dim=-1)
         xe = x[rows if keep is None else rows & keep]
         if matrix.attr == EXPERT_SECOND:
-            w1 = Matrix(f"{first}.{e}", module, first, e, matrix.transposed).get()
+            w1 = Matrix(first, module, first, e, matrix.transposed).get()  # as quantized so far
             y = xe @ w1.T.to(xe.dtype)
             if bias is not None:
                 y = y + bias[e]
@@ -281,7 +285,7 @@ def _grams(targets: dict[str, Matrix], group: list[str], run: Run, batches: int,
                 gram.add(rows)
         else:
             gram = grams[0]
-            gram.add(_counted(args[0] if args else next(iter(kwargs.values())), current[0]))
+            gram.add(_counted(_first_argument(args, kwargs), current[0]))
         raise StopForward
 
     handle = first.module.register_forward_pre_hook(hook, with_kwargs=True)
@@ -399,9 +403,11 @@ def quantize_sequential_(model: nn.Module, specs: dict[str, LayerSpec], windows:
     batches = model_batches(windows, batch_size)
     masks = [mask for _, mask in batches]
     if last >= 0:
-        records += _quantize_blocks(blocks, per_block[: last + 1], specs, capture_inputs(
-            model, windows, batch_size=batch_size, device=device), masks, device=device, home=home, progress=progress,
-            log=log, windows=windows, true_sequential=true_sequential)
+        captured = capture_inputs(model, windows, batch_size=batch_size, device=device)
+        if log is not None and device.type == "cpu":
+            log(_cpu_estimate(blocks[0], captured, windows, last + 1, device))
+        records += _quantize_blocks(blocks, per_block[: last + 1], specs, captured, masks, device=device, home=home,
+                                    progress=progress, true_sequential=true_sequential)
     if outside:
         inputs = [{k: v.to(device) for k, v in x.items()} for x, _ in batches]
         with _blocks_on(blocks, device):
@@ -411,21 +417,23 @@ def quantize_sequential_(model: nn.Module, specs: dict[str, LayerSpec], windows:
     return records
 
 
+def _cpu_estimate(block: nn.Module, captured: BlockInputs, windows: Calibration, blocks: int,
+                  device: torch.device) -> str:
+    block.to(device)
+    start = time.perf_counter()
+    _call_block(block, captured.hidden[0], captured.kwargs[0][0])
+    per_pass = (time.perf_counter() - start) * len(captured.hidden)
+    rows, width = _rows(windows)
+    what = "windows" if isinstance(windows, Tensor) else "sentences (padded)"
+    return (f"calibration on CPU: {rows} {what} x {width} tokens through {blocks} blocks, "
+            f"about {per_pass * 5 * blocks / 60:.1f} min of forward passes plus the solvers")
+
+
 def _quantize_blocks(blocks: nn.ModuleList, per_block: list[dict[str, Matrix]], specs: dict[str, LayerSpec],
                      captured: BlockInputs, masks: list[Tensor | None], *, device: torch.device, home: torch.device,
-                     progress: bool, log: Callable[[str], None] | None, windows: Calibration,
-                     true_sequential: bool) -> list[LayerRecord]:
+                     progress: bool, true_sequential: bool) -> list[LayerRecord]:
     """The blocks in turn, up to the last with planned matrices, each fed by the quantized ones before it."""
     hidden = captured.hidden
-    if log is not None and device.type == "cpu":
-        blocks[0].to(device)
-        start = time.perf_counter()
-        _call_block(blocks[0], hidden[0], captured.kwargs[0][0])
-        per_pass = (time.perf_counter() - start) * len(hidden)
-        rows, width = _rows(windows)
-        what = "windows" if isinstance(windows, Tensor) else "sentences (padded)"
-        log(f"calibration on CPU: {rows} {what} x {width} tokens through {len(per_block)} blocks, "
-            f"about {per_pass * 5 * len(per_block) / 60:.1f} min of forward passes plus the solvers")
     records: list[LayerRecord] = []
     for b, targets in enumerate(tqdm(per_block, desc="calibrate", disable=not progress, leave=False)):
         block = blocks[b]
