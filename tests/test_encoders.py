@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from mixq.calibration.sequential import _call_block, _gram, capture_inputs, model_batches
+from mixq.calibration.sequential import _call_block, _grams, capture_inputs, model_batches
 from mixq.errors import DataError, ModelError
 from mixq.evaluate.embeddings import (Pooling, compare, cosine, encode, nearest_neighbours, pool, sample_sentences,
                                       sentence_batch, text_sentences, top1_agreement)
 from mixq.formats import parse_format
-from mixq.models import candidate_layers, transformer_blocks
+from mixq.models import Matrix, candidate_matrices, transformer_blocks
 from mixq.plan import Plan
 from mixq.quantize import quantize_
 
@@ -63,7 +63,7 @@ def calib(tokenizer, sentences):
 # -- layers and quantization --------------------------------------------------------------
 def test_layers_of_an_encoder():
     model = tiny_bert()
-    linears, extras = candidate_layers(model)
+    linears, extras = candidate_matrices(model)
     assert transformer_blocks(model)[0] == "encoder.layer"
     assert len(linears) == 2 * 6 and all(n.startswith("encoder.layer.") for n in linears)
     assert set(extras) == {"embeddings.word_embeddings", "pooler.dense"}  # quantized only when named
@@ -84,7 +84,8 @@ def test_block_inputs_keep_the_attention_mask(calib):
     """Blocks replayed on captured inputs give the model's hidden states at every real token."""
     model = tiny_bert()
     block = model.encoder.layer[0]
-    batches = capture_inputs(model, calib, block, batch_size=5, device=torch.device("cpu"))
+    captured = capture_inputs(model, calib, batch_size=5, device=torch.device("cpu"))
+    batches = list(zip(captured.hidden, captured.kwargs[0]))
     assert [len(h) for h, _ in batches] == [5, 5, 2]
     with torch.no_grad():
         for (hidden, kw), (inputs, mask) in zip(batches, model_batches(calib, 5)):
@@ -98,10 +99,12 @@ def test_padding_is_left_out_of_the_gram(calib):
     model = tiny_bert()
     block = model.encoder.layer[0]
     grams = []
+    query = {"q": Matrix("q", block.attention.self.query)}
     for batch_size in (12, 1):
-        batches = capture_inputs(model, calib, block, batch_size=batch_size, device=torch.device("cpu"))
+        captured = capture_inputs(model, calib, batch_size=batch_size, device=torch.device("cpu"))
         masks = [m for _, m in model_batches(calib, batch_size)]
-        grams.append(_gram(block, ["attention.self.query"], batches, masks))
+        run = lambda i, c=captured: _call_block(block, c.hidden[i], c.kwargs[0][i])  # noqa: E731
+        grams.append(_grams(query, ["q"], run, len(masks), masks)[0])
     assert grams[0].tokens == grams[1].tokens == int(calib["attention_mask"].sum())
     assert torch.allclose(grams[0].matrix, grams[1].matrix, atol=1e-4, rtol=1e-4)
 
@@ -222,7 +225,7 @@ def test_minilm_int8_keeps_embeddings(data_dir):
     loaded = load_encoder("all-minilm-l6-v2")
     assert loaded.source.sha256() == MINILM_SHA256
     model = loaded.model
-    assert len(candidate_layers(model)[0]) == 6 * 6 and getattr(model, "pooler", None) is None
+    assert len(candidate_matrices(model)[0]) == 6 * 6 and getattr(model, "pooler", None) is None
     pooling = Pooling.from_folder(loaded.source.path)
     assert pooling == Pooling("mean", normalize=True, max_length=256)
     text = text_sentences(load_text("wikitext2", "test", root=data_dir), limit=64)

@@ -132,3 +132,37 @@ def test_preset_and_spec_shorthand():
     assert Plan.preset("int4-g128") == Plan(default=LayerSpec(parse_format("int4-g128")))
     assert Plan.preset("base") == Plan()
     assert Plan.from_dict({"default": "int4-g128"}) == Plan.preset("int4-g128")
+
+
+def _int(bits: int, rows: int, cols: int, group: int | None = None) -> int:
+    """Bits of an asymmetric integer format: codes, then a 16-bit scale and a bits-wide zero point per group."""
+    groups = rows * (1 if group is None else -(-cols // group))
+    return rows * cols * bits + groups * (16 + bits)
+
+
+def test_expert_tensors_named_by_parameter_and_sized_per_expert():
+    from test_architectures import build
+
+    model = build("mixtral")  # 4 experts, hidden 64, intermediate 96
+    plan = Plan(rules=(("re:.*experts\\.down_proj", LayerSpec.of("int8")), ("model.layers.1.mlp.gate", LayerSpec.of("int8"))),
+                default=LayerSpec.of("int4-g32"))
+    specs = plan.resolve(model)
+    assert specs["model.layers.0.mlp.experts.down_proj"].format.name == "int8"
+    assert specs["model.layers.0.mlp.experts.gate_up_proj"].format.name == "int4-g32"
+    assert "model.layers.0.mlp.gate" not in specs and specs["model.layers.1.mlp.gate"].format.name == "int8"
+    attention = _int(4, 64, 64, 32) * 2 + _int(4, 32, 64, 32) * 2  # q, o; k, v (2 kv heads of 16)
+    experts = 4 * (_int(4, 2 * 96, 64, 32) + _int(8, 64, 96))  # per expert: gate_up [192, 64], down [64, 96]
+    rep = plan.size_report(model)
+    assert rep.quantized_bits == 2 * (attention + experts) + _int(8, 4, 64)  # and one router [4, 64]
+    assert rep.quantized_weights == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 4 * (192 * 64 + 64 * 96)) + 4 * 64
+    assert rep.layers == 2 * 6 + 1
+
+
+def test_conv1d_sized_as_its_out_in_matrix():
+    """GPT-2's c_attn stores [64, 192]: as a matrix it has 192 rows of 64, each with its own scale."""
+    from test_architectures import build
+
+    model = build("gpt2")
+    block = _int(8, 192, 64) + _int(8, 64, 64) + _int(8, 256, 64) + _int(8, 64, 256)  # c_attn, c_proj, c_fc, mlp.c_proj
+    rep = Plan.uniform("int8").size_report(model)
+    assert rep.quantized_bits == 2 * block and rep.layers == 8

@@ -1,7 +1,9 @@
 """Loading models (Hugging Face folder, GGUF file, named default) and naming their layers.
 
-Causal LMs load with ``load_model``, encoders (BERT family) with ``load_encoder``; both
-name their transformer blocks and Linear layers the same way.
+Causal LMs load with ``load_model`` (which refuses other models), encoders (BERT family)
+with ``load_encoder``, a model to quantize and save with ``load_for_quantize`` (the class
+its folder names, heads included).  Every weight mixq quantizes is a ``Matrix``, named the
+same way in all of them (``candidate_matrices``).
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import hashlib
 import importlib
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mixq.errors import ModelError
 
@@ -108,6 +111,10 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
     raise ModelError(f"model not found: {text!r} (not a file or folder; named models: {names})")
 
 
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _check_gguf(path: Path) -> None:
     with path.open("rb") as fh:
         if fh.read(4) != b"GGUF":
@@ -126,7 +133,8 @@ class LoadedModel:
 
 def load_model(spec: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu",
                attn_implementation: str | None = None) -> LoadedModel:
-    """Load a causal LM and its tokenizer; GGUF weights are dequantised by transformers."""
+    """Load a causal LM and its tokenizer; GGUF weights are dequantised by transformers.
+    A folder holding another kind of model is refused (``check_causal``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -142,12 +150,68 @@ def load_model(spec: str | os.PathLike, *, dtype: str = "float32", device: str =
         folder, kwargs["gguf_file"] = str(source.path.parent), source.path.name
     else:
         folder = str(source.path)
+        check_causal(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, **({"gguf_file": kwargs["gguf_file"]} if source.is_gguf else {}))
     except (OSError, ValueError, KeyError, RuntimeError, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load model {source.name!r} from {source.path}: {first}") from None
+        raise ModelError(f"cannot load model {source.name!r} from {source.path}: {_first_line(e)}") from None
+    model.to(device).eval()
+    return LoadedModel(model, tokenizer, source)
+
+
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # transformers' names of causal LM classes
+
+
+def _folder_config(source: ModelSource) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(source.path))
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"cannot read the config of {source.name!r} in {source.path}: {_first_line(e)}") from None
+
+
+def check_causal(source: ModelSource) -> None:
+    """Refuse a folder that is not a causal LM: an encoder (BERT & co. unless configured as a
+    decoder) or a decoder saved with another head (``LlamaForSequenceClassification``), which the
+    causal loader would give a random lm_head."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    config = _folder_config(source)
+    archs = list(getattr(config, "architectures", None) or [])
+    encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+    if encoder:
+        raise ModelError(f"{source.name!r} is an encoder ({', '.join(archs) or config.model_type}), not a causal LM: "
+                         "evaluate it with mixq embed-eval")
+    if archs and not any(a.endswith(CAUSAL_SUFFIXES) for a in archs):
+        raise ModelError(f"{source.name!r} is a {', '.join(archs)}, not a causal LM (*ForCausalLM, *LMHeadModel): "
+                         "perplexity needs an LM head; encoders go to mixq embed-eval")
+
+
+def load_for_quantize(spec: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load a model to quantize and save with the class its folder names (``config.json``
+    ``architectures``), so a head beside the LM's (``BertForSequenceClassification``'s
+    classifier) is kept; a GGUF file or a folder naming no class loads as a causal LM."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
+    source = resolve_model(spec)
+    if source.is_gguf:
+        return load_model(spec, dtype=dtype, device=device)
+    archs = list(getattr(_folder_config(source), "architectures", None) or [])
+    if not archs:
+        return load_model(spec, dtype=dtype, device=device)
+    cls = getattr(transformers, archs[0], None)
+    if cls is None:
+        raise ModelError(f"{source.name!r}: transformers has no model class {archs[0]!r} (config.json architectures)")
+    try:
+        model = cls.from_pretrained(str(source.path), dtype=DTYPES[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(str(source.path))
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError) as e:
+        raise ModelError(f"cannot load {archs[0]} {source.name!r} from {source.path}: {_first_line(e)}") from None
     model.to(device).eval()
     return LoadedModel(model, tokenizer, source)
 
@@ -173,20 +237,97 @@ def load_encoder(spec: str | os.PathLike, *, dtype: str = "float32", device: str
             model = AutoModel.from_pretrained(folder, dtype=DTYPES[dtype])
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError, RuntimeError, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load encoder {source.name!r} from {source.path}: {first}") from None
+        raise ModelError(f"cannot load encoder {source.name!r} from {source.path}: {_first_line(e)}") from None
     model.to(device).eval()
     return LoadedModel(model, tokenizer, source)
 
 
-# -- layer naming -----------------------------------------------------------------------
-def candidate_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
-    """(Linear layers quantized by default, layers quantized only when named).
+# -- the matrices mixq quantizes -----------------------------------------------------------
+@dataclass(frozen=True)
+class Matrix:
+    """A quantizable weight seen as 2-D matrices ``[out, in]`` (what ``x @ W.T`` reads).
 
-    The second group holds the embedding and lm_head, and, where the model has
-    transformer blocks, every other Linear outside them (an encoder's pooler or a
-    classification head).
+    A Linear's weight; a Conv1D's (GPT-2; stored ``[in, out]``: ``transposed``); an embedding,
+    a router; or transformers' stacked experts: one 3-D parameter ``[E, out, in]`` (``[E, in,
+    out]`` where the experts module says ``is_transposed``) holding ``count`` = E matrices,
+    expert e's being ``parts()[e]``, named ``<name>.<e>``.  ``get`` reads and ``set`` writes
+    the weight in that orientation (``[E, out, in]`` for a stack, ``[out, in]`` otherwise).
     """
+
+    name: str  # a Linear/Conv1D/embedding/router: its module's name; stacked experts: the parameter's path
+    module: nn.Module
+    attr: str = "weight"
+    index: int | None = None  # the expert, for one matrix of a stack
+    transposed: bool = False
+
+    @property
+    def param(self) -> nn.Parameter:
+        return getattr(self.module, self.attr)
+
+    def _stored(self) -> Tensor:
+        data = self.param.data
+        return data if self.index is None else data[self.index]
+
+    @property
+    def stacked(self) -> bool:
+        return self._stored().dim() == 3
+
+    @property
+    def count(self) -> int:
+        """Matrices held: the experts of a stack, else 1."""
+        return int(self._stored().shape[0]) if self.stacked else 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out, in)`` of one matrix."""
+        rows, cols = (int(d) for d in self._stored().shape[-2:])
+        return (cols, rows) if self.transposed else (rows, cols)
+
+    @property
+    def numel(self) -> int:
+        return self.count * self.shape[0] * self.shape[1]
+
+    def get(self) -> Tensor:
+        """The weight as ``[out, in]`` (``[E, out, in]``): a view of the parameter, or a contiguous copy when transposed."""
+        w = self._stored()
+        return w.transpose(-1, -2).contiguous() if self.transposed else w
+
+    def set(self, w: Tensor) -> None:
+        """Write ``w`` (as ``get`` returns it) into the parameter, cast to its dtype."""
+        target = self._stored()
+        target.copy_(w.transpose(-1, -2) if self.transposed else w)
+
+    def parts(self) -> tuple[Matrix, ...]:
+        """The 2-D matrices one at a time: the experts of a stack, else this matrix."""
+        if not self.stacked:
+            return (self,)
+        return tuple(Matrix(f"{self.name}.{e}", self.module, self.attr, e, self.transposed) for e in range(self.count))
+
+
+def each_matrix(w: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``fn`` applied to every 2-D matrix of ``w`` (``[out, in]``, or ``[E, out, in]`` matrix by matrix)."""
+    return fn(w) if w.dim() == 2 else torch.stack([fn(x) for x in w])
+
+
+def _conv1d() -> type:
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def _experts_transposed(module: nn.Module) -> bool:
+    return bool(getattr(module, "is_transposed", False))  # set by transformers' use_experts_implementation
+
+
+def candidate_matrices(model: nn.Module) -> tuple[dict[str, Matrix], dict[str, Matrix]]:
+    """(matrices quantized by default, matrices quantized only when named), each in model order.
+
+    By default: every Linear and Conv1D weight and every stacked expert parameter inside the
+    transformer blocks (in the whole model where it has no blocks).  Only when named: the
+    embedding and lm_head, every other Linear outside the blocks (an encoder's pooler, a
+    classification head), and any other 2-D ``weight`` inside the blocks (a MoE router).
+    """
+    conv1d = _conv1d()
     outputs = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     try:
@@ -194,25 +335,62 @@ def candidate_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, 
     except ModelError:
         blocks = None
     inside = {id(m) for m in blocks.modules()} if blocks is not None else None
-    linears: dict[str, nn.Module] = {}
-    extras: dict[str, nn.Module] = {}
+    default: dict[str, Matrix] = {}
+    extras: dict[str, Matrix] = {}
     for name, module in model.named_modules(remove_duplicate=False):
+        here = inside is None or id(module) in inside
         if module is outputs or module is inputs:
-            extras[name] = module
-        elif isinstance(module, nn.Linear):
-            (linears if inside is None or id(module) in inside else extras)[name] = module
-    return linears, extras
+            extras[name] = Matrix(name, module)
+        elif isinstance(module, (nn.Linear, conv1d)):
+            (default if here else extras)[name] = Matrix(name, module, transposed=isinstance(module, conv1d))
+        elif here and not isinstance(module, nn.Embedding):
+            for attr, p in module.named_parameters(recurse=False):
+                if p.dim() == 3:
+                    full = f"{name}.{attr}"
+                    default[full] = Matrix(full, module, attr, transposed=_experts_transposed(module))
+                elif attr == "weight" and p.dim() == 2:
+                    extras[name] = Matrix(name, module)
+    return default, extras
+
+
+def quantizable_matrices(model: nn.Module) -> dict[str, Matrix]:
+    """The matrices a plan's default applies to, in model order (see ``candidate_matrices``)."""
+    return candidate_matrices(model)[0]
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return candidate_layers(model)[0]
+    """The modules (Linear, Conv1D) whose weights a plan's default applies to; stacked experts have none."""
+    return {n: m.module for n, m in quantizable_matrices(model).items() if m.attr == "weight"}
 
 
-def module_by_name(model: nn.Module, name: str) -> nn.Module:
+def matrix_by_name(model: nn.Module, name: str) -> Matrix:
+    """The matrix a plan or a result names: a module's weight, a stacked expert parameter, or
+    one expert of it (``<parameter>.<e>``)."""
     try:
-        return model.get_submodule(name)
+        module = model.get_submodule(name)
     except AttributeError:
-        raise ModelError(f"the model has no module {name!r}") from None
+        module = None
+    if module is not None:
+        w = getattr(module, "weight", None)
+        if not isinstance(w, nn.Parameter) or w.dim() != 2:
+            raise ModelError(f"{name!r} holds no 2-D weight")
+        return Matrix(name, module, transposed=isinstance(module, _conv1d()))
+    parent, _, leaf = name.rpartition(".")
+    try:
+        owner = model.get_submodule(parent)
+    except AttributeError:
+        owner = None
+    p = getattr(owner, leaf, None) if owner is not None else None
+    if isinstance(p, nn.Parameter) and p.dim() == 3:
+        return Matrix(name, owner, leaf, transposed=_experts_transposed(owner))
+    if leaf.isdigit() and parent:
+        try:
+            whole = matrix_by_name(model, parent)
+        except ModelError:
+            whole = None
+        if whole is not None and whole.stacked and int(leaf) < whole.count:
+            return whole.parts()[int(leaf)]
+    raise ModelError(f"the model has no weight matrix {name!r}")
 
 
 def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

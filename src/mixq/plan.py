@@ -1,9 +1,12 @@
 """Plans: which layer gets which format and solver, and what the result weighs.
 
 A plan is a list of rules (fully-qualified name, or ``re:`` + a regex matched against
-the whole name; first match wins), a default spec for the remaining Linear layers and a
-skip list.  The embedding and lm_head are quantized only when a rule names them; tied
-tensors (lm_head sharing the embedding) take one spec and are stored once.
+the whole name; first match wins), a default spec for the remaining layers (Linear and
+Conv1D weights and stacked experts inside the transformer blocks) and a skip list.  The
+embedding, lm_head, heads outside the blocks and MoE routers are quantized only when a
+rule names them; tied tensors (lm_head sharing the embedding) take one spec and are stored
+once.  An expert tensor (``model.layers.0.mlp.experts.gate_up_proj``, ``[E, out, in]``)
+takes one spec and is stored as E matrices.
 
     default: {format: int4-g128, solver: rtn}
     rules:
@@ -226,58 +229,62 @@ class Plan:
 
     # -- applying to a model ----------------------------------------------------
     def resolve(self, model: nn.Module) -> dict[str, LayerSpec]:
-        """Quantized tensors in model order: the first name of each (tied) weight -> spec."""
-        from mixq.models import candidate_layers
+        """Quantized tensors in model order: the first name of each (tied) weight -> spec.
 
-        linears, extras = candidate_layers(model)
-        names = list(linears) + [n for n in extras if n not in linears]
+        A name is a module's (Linear, Conv1D, embedding, router) or a stacked expert
+        parameter's path (``model.layers.0.mlp.experts.gate_up_proj``): one spec for all its experts.
+        """
+        from mixq.models import candidate_matrices
+
+        default, extras = candidate_matrices(model)
+        names = list(default) + [n for n in extras if n not in default]
         for pattern in [m for m, _ in self.rules] + list(self.skip):
             if not any(matches(pattern, n) for n in names):
                 raise PlanError(f"plan names no existing layer: {pattern!r} matches none of the {len(names)} layers")
         chosen: dict[int, tuple[str, LayerSpec]] = {}
         for name in names:
-            module = linears.get(name) or extras[name]
+            matrix = default.get(name) or extras[name]
             if any(matches(p, name) for p in self.skip):
                 continue
             spec = next((s for m, s in self.rules if matches(m, name)), None)
-            if spec is None and name in linears:
+            if spec is None and name in default:
                 spec = self.default
             if spec is None:
                 continue
-            key = id(module.weight)
+            key = id(matrix.param)
             if key in chosen:
                 first, other = chosen[key]
                 if other != spec:
                     raise PlanError(f"tied layers {first!r} and {name!r} share one weight but get different specs")
                 continue
             try:
-                spec.format.num_groups(tuple(module.weight.shape))
+                spec.format.num_groups(matrix.shape)
             except MixqError as e:
                 raise PlanError(f"layer {name!r}: {e}") from None
             chosen[key] = (name, spec)
         return dict(chosen.values())
 
     def size_report(self, model: nn.Module) -> SizeReport:
-        from mixq.models import module_by_name
-        from mixq.solvers import get_solver
+        from mixq.models import matrix_by_name
 
         specs = self.resolve(model)
-        quantized = {id(module_by_name(model, n).weight): s for n, s in specs.items()}
+        quantized = {}
+        for n, s in specs.items():
+            matrix = matrix_by_name(model, n)
+            quantized[id(matrix.param)] = stored_bits(s, matrix.shape) * matrix.count
         qw = qb = ow = ob = 0
         seen: set[int] = set()
         for p in model.parameters():  # parameters() yields a tied tensor once
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            spec = quantized.get(id(p))
-            if spec is None:
+            bits = quantized.get(id(p))
+            if bits is None:
                 ow += p.numel()
                 ob += p.numel() * STORED_BITS
             else:
                 qw += p.numel()
-                shape = tuple(p.shape)
-                solver = get_solver(spec.solver)
-                qb += spec.format.storage_bits(shape) + solver.extra_bits(solver.options(spec.opts), shape)
+                qb += bits
         return SizeReport(qw, qb, ow, ob, len(specs))
 
     def bits(self, model: nn.Module) -> float:
@@ -296,6 +303,15 @@ class Plan:
             opts = "".join(f" {k}={v}" for k, v in self.default.options)
             return f"{self.default.format.name}{solver}{opts}"
         return f"{len(self.rules)} rules, default {self.default.format.name if self.default else 'none'}"
+
+
+def stored_bits(spec: LayerSpec, shape: tuple[int, int]) -> int:
+    """Exact bits of one ``[out, in]`` matrix under ``spec``: the format's codes and group
+    parameters and the solver's extras (outliers)."""
+    from mixq.solvers import get_solver
+
+    solver = get_solver(spec.solver)
+    return spec.format.storage_bits(shape) + solver.extra_bits(solver.options(spec.opts), shape)
 
 
 def read_yaml(path: str | Path, what: str) -> Any:
@@ -317,4 +333,4 @@ def _check_pattern(pattern: str) -> None:
             raise PlanError(f"plan: bad regex {pattern!r}: {e}") from None
 
 
-__all__ = ["LayerSpec", "Plan", "SizeReport"]
+__all__ = ["LayerSpec", "Plan", "SizeReport", "stored_bits"]

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from mixq.errors import MixqError, PlanError
 from mixq.formats import QTensor
-from mixq.models import module_by_name, transformer_blocks
+from mixq.models import matrix_by_name
 from mixq.plan import LayerSpec, Plan
 from mixq.solvers import get_solver
 
@@ -49,40 +49,49 @@ def quantize_(model: nn.Module, plan: Plan, *, calibration: Tensor | Mapping[str
     """Replace every planned weight by its dequantised value; return the codes.
 
     With ``calibration`` windows ([n, seqlen] token ids), or for an encoder a tokenizer's
-    batch of padded sentences (``input_ids``, ``attention_mask``...), the layers inside
-    transformer blocks are solved block by block on their Gram matrices (required by GPTQ
-    and QuantEase); the others (and every layer without calibration) with their solver alone.
+    batch of padded sentences (``input_ids``, ``attention_mask``...), every planned matrix
+    but the embedding is solved on the Gram of its input (required by GPTQ and QuantEase):
+    block by block, then lm_head and other layers outside the blocks (see
+    ``mixq.calibration.sequential``); the embedding, and every matrix without calibration,
+    with its solver alone.
+
+    ``result.layers`` holds one entry per matrix, in plan order: a layer under its name,
+    stacked experts one per expert, ``<parameter>.<e>`` (``model.layers.0.mlp.experts.down_proj.3``),
+    each with the 2-D codes of that expert's ``[out, in]`` matrix.
     """
     from mixq.calibration import quantize_sequential_
 
     start = time.perf_counter()
     specs = plan.resolve(model)
+    matrices = {n: matrix_by_name(model, n) for n in specs}
+    free = {n: s for n, s in specs.items() if calibration is None or isinstance(matrices[n].module, nn.Embedding)}
+    for name, spec in free.items():
+        if get_solver(spec.solver).needs_calibration:
+            where = ("needs calibration data" if calibration is None else
+                     "is an embedding: it reads no activations to calibrate on (use rtn; a tied lm_head is calibrated "
+                     "under the name lm_head)")
+            raise PlanError(f"layer {name!r}: solver {spec.solver!r}: the layer {where}")
     out: dict[str, QuantizedLayer] = {}
-    if calibration is not None:
-        prefix = transformer_blocks(model)[0] + "."
-        inside = {n: s for n, s in specs.items() if n.startswith(prefix)}
-        for rec in quantize_sequential_(model, inside, calibration, device=device, batch_size=batch_size,
+    for name, spec in tqdm(free.items(), desc="quantize", disable=not progress, leave=False):
+        solver = get_solver(spec.solver)
+        for part in matrices[name].parts():
+            t = time.perf_counter()
+            try:
+                result = solver(part.get(), spec.format, None, solver.options(spec.opts))
+            except MixqError as e:
+                raise type(e)(f"layer {part.name!r}: {e}") from None
+            if not torch.isfinite(result.weight).all():
+                raise MixqError(f"layer {part.name!r}: quantization produced NaN/inf; refusing to write it")
+            part.set(result.weight)
+            out[part.name] = QuantizedLayer(spec, result.qtensor, seconds=time.perf_counter() - t,
+                                            outliers=result.outliers)
+    calibrated = {n: s for n, s in specs.items() if n not in free}
+    if calibrated:
+        for rec in quantize_sequential_(model, calibrated, calibration, device=device, batch_size=batch_size,
                                         progress=progress, log=log, true_sequential=true_sequential):
             out[rec.name] = QuantizedLayer(rec.spec, rec.result.qtensor, rec.result.loss, rec.rel_error,
                                            rec.rtn_rel_error, rec.seconds, rec.result.outliers)
-    rest = {n: s for n, s in specs.items() if n not in out}
-    for name, spec in rest.items():
-        if get_solver(spec.solver).needs_calibration:
-            where = "needs calibration data" if calibration is None else "is outside the transformer blocks (use rtn)"
-            raise PlanError(f"layer {name!r}: solver {spec.solver!r}: the layer {where}")
-    for name, spec in tqdm(rest.items(), desc="quantize", disable=not progress, leave=False):
-        weight = module_by_name(model, name).weight
-        solver = get_solver(spec.solver)
-        t = time.perf_counter()
-        try:
-            result = solver(weight.data, spec.format, None, solver.options(spec.opts))
-        except MixqError as e:
-            raise type(e)(f"layer {name!r}: {e}") from None
-        if not torch.isfinite(result.weight).all():
-            raise MixqError(f"layer {name!r}: quantization produced NaN/inf; refusing to write it")
-        weight.data.copy_(result.weight.to(weight.dtype))
-        out[name] = QuantizedLayer(spec, result.qtensor, seconds=time.perf_counter() - t, outliers=result.outliers)
-    order = list(specs)
+    order = [part.name for m in matrices.values() for part in m.parts()]
     return QuantizeResult({n: out[n] for n in order}, time.perf_counter() - start)
 
 

@@ -35,7 +35,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from mixq.data import model_windows, tensor_sha256
     from mixq.formats import parse_format
-    from mixq.models import load_model, quantizable_layers
+    from mixq.models import load_model, matrix_by_name, quantizable_matrices
     from mixq.plan import Plan
     from mixq.sensitivity import analysis
 
@@ -57,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
     say(args, f"loading {args.model} ({dtype}, {device}, {attention or 'default'} attention)")
     loaded = load_model(args.model, dtype=dtype, device=device, attn_implementation=attention)
     model = loaded.model
-    layers = list(quantizable_layers(model))
+    layers = list(quantizable_matrices(model))
     if not layers:
-        raise MixqError("the model has no quantizable Linear layer")
+        raise MixqError("the model has no quantizable layer")
     win = model_windows(model, loaded.tokenizer, args.calib_dataset, args.calib_split, args.seqlen, root=args.data_dir,
                         nsamples=args.nsamples, seed=args.seed)
     out = Path(args.out)
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if not sens:
         rep = Plan().size_report(model)
         sens = {"meta": meta, "methods_done": [], "layers": analysis.geometry(model, layers, formats),
-                "other_bits": rep.other_bits - sum(model.get_submodule(n).weight.numel() * 16 for n in layers),
+                "other_bits": rep.other_bits - sum(matrix_by_name(model, n).numel * 16 for n in layers),
                 "provenance": provenance_record(args, loaded.identity(), device)}
     timings = sens.setdefault("seconds", {})
     for m in methods:

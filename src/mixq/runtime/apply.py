@@ -11,7 +11,7 @@ from torch import nn
 
 from mixq.errors import MixqError
 from mixq.formats import IntFormat
-from mixq.models import module_by_name
+from mixq.models import matrix_by_name
 from mixq.quantize import QuantizedLayer
 from mixq.runtime.kernels import KERNELS, KernelError, choose_kernel
 
@@ -45,8 +45,16 @@ class KernelReport:
         return {"backend": self.backend, "kernels": self.counts(), "served": self.served, "fallback": self.fallback}
 
 
+def _linear(model: nn.Module, name: str) -> nn.Module:
+    """The module holding a quantized matrix (an expert slice names a parameter, not a module)."""
+    return matrix_by_name(model, name).module
+
+
 def _why_not_linear(model: nn.Module, name: str, layer: QuantizedLayer) -> str | None:
-    module = module_by_name(model, name)
+    matrix = matrix_by_name(model, name)
+    module = matrix.module
+    if matrix.attr != "weight":
+        return "an expert tensor, not a Linear"
     if not isinstance(module, nn.Linear):
         return f"a {type(module).__name__}, not a Linear"
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -66,7 +74,7 @@ def plan_kernels(model: nn.Module, layers: Mapping[str, QuantizedLayer], *, back
     for name, layer in layers.items():
         why = _why_not_linear(model, name, layer)
         if why is None:
-            module = module_by_name(model, name)
+            module = _linear(model, name)
             kernel, why = choose_kernel(layer.spec.format, tuple(module.weight.shape), module.weight.dtype, backend)
             if kernel is not None:
                 served[name] = kernel.name
@@ -97,7 +105,7 @@ def apply_kernels(model: nn.Module, layers: Mapping[str, QuantizedLayer], *, bac
     if required:
         report.require()
     for name, kernel_name in report.served.items():
-        old = module_by_name(model, name)
+        old = _linear(model, name)
         layer = layers[name]
         try:
             new = KERNELS[kernel_name].build(layer.spec.format, layer.qtensor, old.bias, old.weight.dtype, old.weight.device)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from mixq.formats import parse_format
+from mixq.models import each_matrix, matrix_by_name
 from mixq.search.space import SearchSpace, Unit
 
 
@@ -20,28 +21,29 @@ class WeightCache:
     def __init__(self, model: nn.Module, layers: list[str], pinned: dict[str, str] | None = None) -> None:
         self.model = model
         self.pinned = dict(pinned or {})
-        self.original = {n: model.get_submodule(n).weight.detach().clone() for n in [*layers, *self.pinned]}
+        self.matrices = {n: matrix_by_name(model, n) for n in [*layers, *self.pinned]}
+        self.original = {n: m.get().detach().clone() for n, m in self.matrices.items()}
         self.cache: dict[tuple[str, str], Tensor] = {}
 
     def weight(self, layer: str, choice: str) -> Tensor:
         key = (layer, choice)
         if key not in self.cache:
             w = self.original[layer]
-            self.cache[key] = parse_format(choice).fake_quantize(w).to(w.dtype)
+            self.cache[key] = each_matrix(w, parse_format(choice).fake_quantize).to(w.dtype)
         return self.cache[key]
 
     @torch.no_grad()
     def apply(self, units: list[Unit], assignment: dict[str, str]) -> None:
         for u in units:
             for layer in u.layers:
-                self.model.get_submodule(layer).weight.data.copy_(self.weight(layer, assignment[u.name]))
+                self.matrices[layer].set(self.weight(layer, assignment[u.name]))
         for layer, choice in self.pinned.items():
-            self.model.get_submodule(layer).weight.data.copy_(self.weight(layer, choice))
+            self.matrices[layer].set(self.weight(layer, choice))
 
     @torch.no_grad()
     def restore(self) -> None:
         for n, w in self.original.items():
-            self.model.get_submodule(n).weight.data.copy_(w)
+            self.matrices[n].set(w)
 
     @classmethod
     def for_space(cls, model: nn.Module, space: SearchSpace, units: list[Unit]) -> WeightCache:

@@ -11,6 +11,7 @@ from torch import nn
 
 from mixq.errors import PlanError
 from mixq.formats import parse_format
+from mixq.models import matrix_by_name
 from mixq.search.backends import Budget
 from mixq.search.config import SearchConfig
 from mixq.search.space import SearchSpace, Unit
@@ -57,14 +58,14 @@ class SizeModel:
         opts = solver.options({})
         self.units = units
         self.bits: dict[tuple[str, str], int] = {}
-        self.params = {u.name: sum(model.get_submodule(n).weight.numel() for n in u.layers) for u in units}
+        self.params = {u.name: sum(matrix_by_name(model, n).numel for n in u.layers) for u in units}
         for u in units:
             for c in space.choices:
                 fmt = parse_format(c)
                 total = 0
                 for layer in u.layers:
-                    shape = tuple(model.get_submodule(layer).weight.shape)
-                    total += fmt.storage_bits(shape) + solver.extra_bits(opts, shape)
+                    m = matrix_by_name(model, layer)
+                    total += (fmt.storage_bits(m.shape) + solver.extra_bits(opts, m.shape)) * m.count
                 self.bits[(u.name, c)] = total
         searched = sum(self.bits[(u.name, first[u.name])] for u in units)
         self.fixed_bits = rep.quantized_bits - searched  # pinned layers

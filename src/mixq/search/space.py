@@ -93,10 +93,10 @@ class SearchSpace:
 
     # -- units ------------------------------------------------------------------
     def units(self, model: nn.Module) -> list[Unit]:
-        from mixq.models import quantizable_layers, transformer_blocks
+        from mixq.models import quantizable_matrices, transformer_blocks
 
         prefix, blocks = transformer_blocks(model)
-        names = [n for n in quantizable_layers(model)
+        names = [n for n in quantizable_matrices(model)
                  if not any(matches(m, n) for m, _ in self.fixed)
                  and (not self.include or any(matches(p, n) for p in self.include))]
         if not names:

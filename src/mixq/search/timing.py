@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from mixq.evaluate import perplexity
+from mixq.models import matrix_by_name
 from mixq.search.space import SearchSpace, Unit
 
 
@@ -20,19 +21,20 @@ def requantize_seconds(model: nn.Module, space: SearchSpace, units: list[Unit], 
 
     plans = [space.plan(units, a) for a in assignments]
     layers = {n for p in plans for n in p.resolve(model)}
-    host = {n: model.get_submodule(n).weight.detach().to("cpu", copy=True) for n in layers}
+    matrices = {n: matrix_by_name(model, n) for n in layers}
+    host = {n: m.get().detach().to("cpu", copy=True) for n, m in matrices.items()}
     out = []
     try:
         for plan in plans:
             t = time.perf_counter()
             for n, w in host.items():
-                model.get_submodule(n).weight.copy_(w)
+                matrices[n].set(w)
             quantize_(model, plan.with_solver("rtn"))
             perplexity(model, score_windows, batch_size=batch_size)
             out.append(time.perf_counter() - t)
     finally:
         for n, w in host.items():
-            model.get_submodule(n).weight.copy_(w)
+            matrices[n].set(w)
     return out
 
 

@@ -1,5 +1,10 @@
-"""Sensitivity of a causal LM's Linear layers: Hessian trace, Fisher trace (FIT), and the
-measured KL to the base model when one layer alone is quantized."""
+"""Sensitivity of a causal LM's quantizable matrices: Hessian trace, Fisher trace (FIT), and
+the measured KL to the base model when one layer alone is quantized.
+
+The traces are taken with respect to each layer's parameter as stored (a Conv1D's
+``[in, out]``, a stack of experts ``[E, out, in]``): a trace is the same for any arrangement of the
+parameter's elements, so no transpose needs undoing.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from torch import Tensor, nn
 
 from mixq.errors import MixqError
 from mixq.formats import parse_format
+from mixq.models import each_matrix, matrix_by_name
 from mixq.sensitivity.estimators import fisher_trace, hutchinson_trace, shifted_nll
 
 METHODS = ("hessian", "fit", "measured")
@@ -20,7 +26,7 @@ def _weights(model: nn.Module, layers: list[str]) -> dict[str, Tensor]:
     model.requires_grad_(False)
     params = {}
     for n in layers:
-        w = model.get_submodule(n).weight
+        w = matrix_by_name(model, n).param
         w.requires_grad_(True)
         params[n] = w
     return params
@@ -80,13 +86,13 @@ def measured(model: nn.Module, windows: Tensor, layers: list[str], formats: list
         batches = [windows[i : i + batch_size].to(dev) for i in range(c, min(c + chunk, len(windows)), batch_size)]
         base = [log_probs(model, b) for b in batches]
         for n in layers:
-            w = model.get_submodule(n).weight
-            original = w.data.clone()
+            matrix = matrix_by_name(model, n)
+            original = matrix.get().clone()
             for f in formats:
-                w.data.copy_(parse_format(f).fake_quantize(original))
+                matrix.set(each_matrix(original, parse_format(f).fake_quantize))
                 for b, p in zip(batches, base):
                     totals[n][f] += kl_sum(p, model, b)
-            w.data.copy_(original)
+            matrix.set(original)
         del base
     return {n: {f: float(t) / windows.numel() for f, t in d.items()} for n, d in totals.items()}
 
@@ -96,15 +102,16 @@ def geometry(model: nn.Module, layers: list[str], formats: list[str]) -> dict[st
     """Per layer: parameter count, exact stored bits and squared quantization error of each format."""
     out = {}
     for n in layers:
-        w = model.get_submodule(n).weight.detach().float()
+        matrix = matrix_by_name(model, n)
+        w = matrix.get().detach().float()
         out[n] = {"params": w.numel(), "bits": {}, "noise": {}}
         for f in formats:
             fmt = parse_format(f)
             try:
-                out[n]["bits"][f] = fmt.storage_bits(tuple(w.shape))
+                out[n]["bits"][f] = fmt.storage_bits(matrix.shape) * matrix.count
             except MixqError as e:
                 raise MixqError(f"layer {n!r}: {e}") from None
-            out[n]["noise"][f] = float((fmt.fake_quantize(w) - w).pow(2).sum())
+            out[n]["noise"][f] = float((each_matrix(w, fmt.fake_quantize) - w).pow(2).sum())
     return out
 
 
