@@ -14,6 +14,8 @@ from mixq.formats import IntFormat, parse_format
 from mixq.formats.base import fp16_round
 from mixq.formats.codebook import CodebookFormat
 from mixq.formats.nf import NF4_OFFSET, nf_offset
+from mixq.solvers import kernels
+from mixq.solvers.gptq import GPTQOptions, solve_gptq
 
 NAMES = ["int8", "int8-sym", "int4-g128", "int4-sym-g32", "int4-fmin-g32", "int3-tensor", "int2-g64",
          "fp8-e4m3", "fp8-e5m2", "fp6-e3m2", "fp6-e2m3", "fp4-e2m1", "fp8-e4m3-dn", "fp5-e2m2-bias2-g16",
@@ -170,6 +172,21 @@ def test_fp16_scale_keeps_subnormals():
     assert torch.equal(fmt.dequantize(q)[0], w[0])  # exact, where a 2^-14 floor rounds all to 0
     assert q.params["scale"][1, 0].item() == 2.0**-24
     assert fp16_round(torch.tensor([0.0, 1e-30, 3 * 2.0**-25, 1e9])).tolist() == [2.0**-24, 2.0**-24, 2.0**-23, 65504.0]
+
+
+@pytest.mark.skipif(not kernels.available(parse_format("int4"), torch.device("cpu")), reason="needs TRITON_INTERPRET=1")
+def test_fused_sweeps_round_on_subnormal_scales_as_the_loop(monkeypatch):
+    """Weights of 1e-5 give fp16 scales below 2^-14; the kernels read the format's scales."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=g) * 1e-5
+    x = torch.randn(256, 64, generator=g)
+    fmt, gram = parse_format("int4-g32"), x.T @ x / 256
+    fused = solve_gptq(w, fmt, gram, GPTQOptions())
+    monkeypatch.setenv("MIXQ_FUSED_SWEEPS", "0")
+    eager = solve_gptq(w, fmt, gram, GPTQOptions())
+    assert (eager.qtensor.params["scale"] < 2.0**-14).all()
+    assert torch.equal(fused.qtensor.params["scale"], eager.qtensor.params["scale"])
+    assert torch.equal(fused.qtensor.codes, eager.qtensor.codes)
 
 
 def test_mxint8_is_int8_with_power_of_two_scale():

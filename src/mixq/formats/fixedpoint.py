@@ -6,9 +6,9 @@ tensor shares the grid, W bits per weight exactly.  Codes lie in ``[-2^(W-1), 2^
 so the range is ``[-2^(W-1-F), 2^(W-1-F) - 2^-F]``; values round half to even and saturate
 at the range.
 
-Widths 2 to 16 (16 bits hold a full-precision profile of a layer); fraction widths 0 to W.
-``F = W`` leaves no integer bit, not even the sign's (range ``[-1/2, 1/2)``); a negative
-fraction width (steps coarser than 1) and one above the width are refused.
+Widths 2 to 16, fraction widths 0 to W.  ``F = W`` leaves no integer bit, not even the
+sign's (range ``[-1/2, 1/2)``); a negative fraction width (steps coarser than 1, which
+weights do not need) and one above the width are refused.
 """
 
 from __future__ import annotations
