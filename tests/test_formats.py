@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixq.errors import FormatError
-from mixq.formats import IntFormat, parse_format
+from mixq.formats import FixedPointFormat, IntFormat, LogFormat, MinifloatFormat, NFFormat, parse_format
 from mixq.formats.base import fp16_round
 from mixq.formats.codebook import CodebookFormat
 from mixq.formats.nf import NF4_OFFSET, nf_offset
@@ -29,6 +29,28 @@ def test_name_round_trip(name):
     fmt = parse_format(name)
     assert parse_format(fmt.name) == fmt
     assert fmt.name == name
+
+
+def _every_format():
+    grains = [(None, False), (32, False), (None, True)]
+    for bits in range(2, 9):
+        yield from (IntFormat(bits, s, g, t) for s in ("asym", "sym", "fmin") for g, t in grains)
+        yield from (IntFormat(bits, "pow2", g) for g in (16, 32))
+        yield from (LogFormat(bits, "absmax", g, t) for g, t in grains)
+        yield from (LogFormat(bits, sc, g) for sc, g in (("pow2", 16), ("none", None)))
+    for e, m in ((e, m) for e in range(1, 8) for m in range(0, 7) if 3 <= 1 + e + m <= 8):
+        for bias, dn in ((None, False), (3, False), (None, True), (2, True)):
+            yield from (MinifloatFormat(e, m, bias, dn, "absmax", g, t) for g, t in grains)
+            yield from (MinifloatFormat(e, m, bias, dn, sc, g) for sc, g in (("pow2", 16), ("pow2", 32), ("none", None)))
+    yield from (NFFormat(bits, g, t) for bits in (2, 3, 4) for g, t in grains)
+    yield from (FixedPointFormat(w, f) for w in range(2, 17) for f in range(w + 1))
+
+
+def test_every_format_round_trips_its_name():
+    formats = list(_every_format())
+    assert len({f.name for f in formats}) == len(formats)  # one name per format
+    for fmt in formats:
+        assert parse_format(fmt.name) == fmt, fmt.name
 
 
 def test_absmax_int8_hand_value():
