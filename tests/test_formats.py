@@ -118,7 +118,7 @@ def test_nf3_nf2_values_by_their_own_offset():
     nf2 = [-1.0, 0.0, 0.43581816, 1.0]
     assert parse_format("nf3").values() == pytest.approx(nf3, abs=1e-8)
     assert parse_format("nf2").values() == pytest.approx(nf2, abs=1e-8)
-    # NF4's offset reused would give NF2 [-1, 0, 0.4040, 1]: the derivation matters
+    # NF4's offset reused gives NF2 [-1, 0, 0.3379, 1] and NF3 [-1, -0.4786, ..., 0.5626, 1]
     assert nf_offset(4) == pytest.approx(NF4_OFFSET, abs=5e-8)
     assert (nf_offset(3), nf_offset(2)) == pytest.approx((0.93303571, 0.85416667), abs=1e-8)
 
@@ -171,16 +171,16 @@ def test_shared_exponent_is_floor_log2_exactly():
 
 
 def test_block_log_exponent_rounds_the_block_maximum():
-    """blog4: magnitudes 2^0 .. 2^-6 and 0 times 2^X. Block (1.75, -0.3, 0.6, 0.005): the
+    """blog4: magnitudes 2^0 .. 2^-6 and 0 times 2^X. Block (1.75, -0.3, 0.6, 0.0025): the
     maximum 1.75 is nearer 2 than 1, so X = 1 (OCP's floor rule gives X = 0 and saturates
     1.75 to 1).  Elements / 2: 0.875 -> 1, -0.15 -> -0.125 (below the midpoint 0.1875),
-    0.3 -> 0.25 (below 0.375), 0.0025 -> 0 (below 2^-7, halfway to 2^-6)."""
+    0.3 -> 0.25 (below 0.375), 0.00125 -> 0 (below 2^-7, halfway to 2^-6)."""
     fmt = parse_format("blog4-g4")
     w = torch.tensor([[1.75, -0.3, 0.6, 0.0025, 1.5, 0.7, -0.3, 0.0]])
     q = fmt.quantize(w)
     assert q.params["exp"].tolist() == [[1.0, 0.0]]  # 1.5 is a tie: the smaller exponent keeps 2^-6
     assert fmt.dequantize(q).tolist() == [[2.0, -0.25, 0.5, 0.0, 1.0, 0.5, -0.25, 0.0]]
-    old = torch.tensor([[1.0, -0.25, 0.5, 0.015625]])  # X = 0, as before
+    old = torch.tensor([[1.0, -0.25, 0.5, 0.0]])  # X = 0, as before
     assert ((fmt.dequantize(q)[:, :4] - w[:, :4]) ** 2).sum() < ((old - w[:, :4]) ** 2).sum()
 
 
