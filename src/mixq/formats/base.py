@@ -39,10 +39,19 @@ class QTensor:
     group_size: int  # columns per group (the last group of a row may be shorter)
 
 
+FP16_MIN = 2.0**-24  # smallest positive fp16 value (a subnormal); the smallest normal is 2^-14
+FP16_MAX = 65504.0  # largest finite fp16 value
+
+
 def fp16_round(x: Tensor) -> Tensor:
-    """Round a parameter to what a 16-bit float stores, keeping it finite and non-zero."""
-    tiny = torch.finfo(torch.float16).tiny
-    return x.clamp(min=tiny, max=65504.0).to(torch.float16).to(x.dtype)
+    """Round a positive parameter (a scale) to what a 16-bit float stores, keeping it
+    finite and non-zero: values below 2^-24 become 2^-24, subnormals are kept."""
+    return x.clamp(min=FP16_MIN, max=FP16_MAX).to(torch.float16).to(x.dtype)
+
+
+def floor_log2(x: Tensor) -> Tensor:
+    """``floor(log2(x))`` of positive ``x``, exactly (``torch.log2`` rounds 8 - 2^-21 up to 3)."""
+    return (torch.frexp(x).exponent - 1).to(x.dtype)
 
 
 class Format(ABC):

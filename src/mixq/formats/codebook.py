@@ -5,11 +5,18 @@ The element grid is scaled per group in one of three ways:
 * ``absmax``: a 16-bit float scale that maps the group's largest magnitude to the
   grid's largest value (the usual per-channel / per-group weight scaling);
 * ``pow2``: a shared power-of-two exponent (8 bits, E8M0), as OCP MX formats and block
-  minifloat / block log: ``X = 2^(floor(log2(max|v|)) - emax)``, elements saturate;
+  minifloat: ``X = 2^(floor(log2(max|v|)) - emax)``, elements saturate (block log
+  chooses its exponent otherwise, see ``log.py``);
 * ``none``: the raw element grid (fixed exponent bias), as the LLM-Mixed-Q seed.
 
-Rounding is to the nearest grid value (ties to the smaller one); values outside the
-range saturate to the extreme values.  Codes are indices into the sorted grid.
+Rounding is to the nearest grid value; values outside the range saturate to the extreme
+values.  A tie (a value exactly halfway between two neighbours) goes to the neighbour of
+even rank, the rank of a value being its position among the magnitudes of its sign
+(0 has rank 0, the smallest positive value rank 1, ...).  For a minifloat the rank is
+the code of the magnitude, so this is round half to even on the mantissa, as IEEE 754
+and the OCP MX conversions round; the rule is symmetric in the sign for the other code
+books (log, NF) too, and every code book holds 0, so neighbours never share a parity.
+Codes are indices into the sorted grid.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import torch
 from torch import Tensor
 
 from mixq.errors import FormatError
-from mixq.formats.base import Format, Params, fp16_round
+from mixq.formats.base import Format, Params, floor_log2, fp16_round
 from mixq.formats.integer import E8M0_MAX, E8M0_MIN
 
 SCALINGS = ("absmax", "pow2", "none")
@@ -31,6 +38,20 @@ SCALINGS = ("absmax", "pow2", "none")
 def _grid_tensor(values: tuple[float, ...], device: torch.device) -> Tensor:
     """One tensor per grid and device (no host-to-device copy per call; CUDA graphs need that)."""
     return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+@functools.cache
+def _midpoints(values: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """The midpoints between neighbouring grid values and, per midpoint, whether a tie goes
+    to the upper neighbour.  Midpoints of float32 values are exact in float64; they are kept
+    in float32 where that is exact too (minifloat and log grids), so rounding stays exact."""
+    grid = torch.tensor(values, dtype=torch.float32).double()
+    mids = (grid[1:] + grid[:-1]) / 2
+    if torch.equal(mids.float().double(), mids):
+        mids = mids.float()
+    rank = (torch.arange(len(grid)) - int((grid < 0).sum())).abs()  # distance from the index of 0
+    up = rank[1:] % 2 == 0
+    return mids.to(device), up.to(device)
 
 
 class CodebookFormat(Format):
@@ -47,6 +68,8 @@ class CodebookFormat(Format):
             raise FormatError(f"{self.name}: unknown scaling {self.scaling!r} (one of {', '.join(SCALINGS)})")
         if self.scaling == "pow2" and (self.group_size is None or self.per_tensor):
             raise FormatError(f"{self.name}: a shared-exponent format needs a block size")
+        if self.scaling == "none" and (self.group_size is not None or self.per_tensor):
+            raise FormatError(f"{self.name}: a raw (unscaled) format has no groups")
 
     @property
     def requires_whole_groups(self) -> bool:  # type: ignore[override]
@@ -75,9 +98,14 @@ class CodebookFormat(Format):
             scale = torch.where(amax > 0, amax / self.max_value, torch.ones_like(amax))
             return {"scale": fp16_round(scale)}
         if self.scaling == "pow2":
-            exp = torch.where(amax > 0, torch.floor(torch.log2(amax)) - self.emax, torch.zeros_like(amax))
+            exp = torch.where(amax > 0, self.shared_exponent(amax), torch.zeros_like(amax))
             return {"exp": exp.clamp(E8M0_MIN, E8M0_MAX)}
         return {}
+
+    def shared_exponent(self, amax: Tensor) -> Tensor:
+        """Exponent of the power-of-two scale of blocks with largest magnitude ``amax`` (> 0):
+        OCP MX's ``floor(log2(amax)) - emax_elem``."""
+        return floor_log2(amax) - self.emax
 
     def _unscale(self, x: Tensor, params: Params) -> Tensor:
         if self.scaling == "absmax":
@@ -87,10 +115,13 @@ class CodebookFormat(Format):
         return x
 
     def encode(self, x: Tensor, params: Params) -> Tensor:
-        grid = self.grid(x.device)
-        mids = (grid[1:] + grid[:-1]) / 2
-        idx = torch.bucketize(self._unscale(x.float(), params), mids)
-        return idx.to(torch.uint8 if len(grid) <= 256 else torch.int16)
+        values = self.values()
+        mids, up = _midpoints(values, x.device)
+        u = self._unscale(x.float(), params).to(mids.dtype)
+        idx = torch.bucketize(u, mids)  # mids[idx - 1] < u <= mids[idx]: a tie lands on the lower neighbour
+        at = idx.clamp(max=len(mids) - 1)
+        idx = idx + ((u == mids[at]) & up[at])
+        return idx.to(torch.uint8 if len(values) <= 256 else torch.int16)
 
     def decode(self, codes: Tensor, params: Params) -> Tensor:
         v = self.grid(codes.device)[codes.long()]

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from mixq.errors import FormatError
-from mixq.formats.base import Format, Params, check_group, fp16_round, granularity_suffix
-from mixq.formats.registry import group_tokens, register_family
+from mixq.formats.base import Format, Params, check_group, floor_log2, fp16_round, granularity_suffix
+from mixq.formats.registry import exclusive, group_tokens, register_family, spelled
 
 SCHEMES = ("sym", "asym", "fmin", "pow2")
 E8M0_MIN, E8M0_MAX = -127, 127  # OCP MX shared-scale exponent range (255 is NaN)
@@ -93,7 +93,7 @@ class IntFormat(Format):
             scale = fp16_round(torch.where(span > 0, span / self.levels, torch.ones_like(span)))
             return {"scale": scale, "min": xmin.to(torch.float16).float()}
         amax = x.abs().amax(dim=1, keepdim=True)
-        exp = torch.where(amax > 0, torch.floor(torch.log2(amax)), torch.zeros_like(amax))
+        exp = torch.where(amax > 0, floor_log2(amax), torch.zeros_like(amax))
         return {"exp": exp.clamp(E8M0_MIN, E8M0_MAX)}
 
     def encode(self, x: Tensor, params: Params) -> Tensor:
@@ -134,15 +134,16 @@ class IntFormat(Format):
 
 @register_family("int", "integer: intB[-sym|-fmin][-gG|-tensor] (default asymmetric, integer zero point, per-channel)")
 def _parse_int(bits: int, tokens: list[str]) -> Format:
-    group, per_tensor, others = group_tokens(f"int{bits}", tokens, {"sym", "asym", "fmin"})
-    scheme = others[-1] if others else "asym"
+    schemes = ("sym", "asym", "fmin")
+    group, per_tensor, others = group_tokens(f"int{bits}", tokens, set(schemes))
+    scheme = exclusive(spelled(f"int{bits}", tokens), others, "scheme", schemes) or "asym"
     return IntFormat(bits, scheme, group, per_tensor)
 
 
 @register_family("bfp", "block floating point: bfpB-gG (shared E8M0 exponent per block)")
 def _parse_bfp(bits: int, tokens: list[str]) -> Format:
-    group, per_tensor, _ = group_tokens(f"bfp{bits}", tokens, set())
-    return IntFormat(bits, "pow2", 16 if group is None else group, per_tensor)
+    group, _, _ = group_tokens(f"bfp{bits}", tokens, set(), granularity=("gN",))
+    return IntFormat(bits, "pow2", 16 if group is None else group)
 
 
 @register_family("mxint", "OCP MXINT8: mxint8 (int8 elements, E8M0 scale, block 32)")

@@ -2,7 +2,9 @@
 
 ``logB`` has ``2^(B-1) - 1`` magnitudes ``2^0, 2^-1, ..., 2^-(2^(B-1)-2)`` (times the
 group scale) plus zero, each with a sign.  ``blogB-gG`` shares a power-of-two scale
-per block (block log).
+per block (block log), chosen so that the block's largest magnitude lands on its nearest
+power of two: with OCP MX's rule (``floor(log2(max))``, the top element 2^0) every
+maximum in (1.5, 2) times the scale would saturate to 1 instead of rounding to 2.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 from mixq.errors import FormatError
-from mixq.formats.base import Format, check_group, granularity_suffix
+from mixq.formats.base import Format, check_group, floor_log2, granularity_suffix
 from mixq.formats.codebook import CodebookFormat
-from mixq.formats.registry import group_tokens, register_family
+from mixq.formats.registry import GRANULARITIES, group_tokens, register_family
 
 
 @functools.cache
@@ -49,14 +54,22 @@ class LogFormat(CodebookFormat):
     def values(self) -> tuple[float, ...]:
         return log_values(self.bits)
 
+    def shared_exponent(self, amax: Tensor) -> Tensor:
+        """``floor(log2(amax))``, one more where ``amax / 2^floor`` exceeds 1.5 (the midpoint
+        between the top magnitude 1 and the 2 above it); 1.5 itself is a tie that keeps the
+        smaller exponent, so the block keeps its smallest magnitude."""
+        exp = floor_log2(amax)
+        return exp + (amax * torch.exp2(-exp) > 1.5).to(exp.dtype) - self.emax
+
 
 @register_family("log", "logarithmic: logB[-gG|-tensor|-raw] (sign + power of two, zero kept)")
 def _parse_log(bits: int, tokens: list[str]) -> Format:
-    group, per_tensor, others = group_tokens(f"log{bits}", tokens, {"raw"})
+    grain = () if "raw" in tokens else GRANULARITIES  # a raw grid has no scale, hence no groups
+    group, per_tensor, others = group_tokens(f"log{bits}", tokens, {"raw"}, granularity=grain)
     return LogFormat(bits, "none" if others else "absmax", group, per_tensor)
 
 
 @register_family("blog", "block log: blogB-gG (power-of-two scale shared per block)")
 def _parse_blog(bits: int, tokens: list[str]) -> Format:
-    group, _, _ = group_tokens(f"blog{bits}", tokens, set())
+    group, _, _ = group_tokens(f"blog{bits}", tokens, set(), granularity=("gN",))
     return LogFormat(bits, "pow2", 16 if group is None else group)

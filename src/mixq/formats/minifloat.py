@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from mixq.errors import FormatError
 from mixq.formats.base import Format, check_group, granularity_suffix
 from mixq.formats.codebook import CodebookFormat
-from mixq.formats.registry import group_tokens, register_family
+from mixq.formats.registry import GRANULARITIES, exclusive, group_tokens, register_family, spelled
 
 DEFAULT_LAYOUT = {4: (2, 1), 6: (3, 2), 8: (4, 3)}
 MX_LAYOUTS = {(2, 1), (3, 2), (2, 3), (4, 3), (5, 2)}
@@ -85,33 +85,32 @@ class MinifloatFormat(CodebookFormat):
         return minifloat_values(self.exp_bits, self.man_bits, self.effective_bias, self.denorm)
 
 
-def _layout(bits: int, others: list[str], name: str) -> tuple[int, int, int | None, bool]:
-    layout, bias, denorm = None, None, False
-    for tok in others:
-        if tok.startswith("bias"):
-            bias = int(tok[4:])
-        elif tok == "dn":
-            denorm = True
-        elif tok not in ("raw", "mx"):
-            layout = (int(tok[1 : tok.index("m")]), int(tok[tok.index("m") + 1 :]))
+_LAYOUT, _BIAS = r"e\d+m\d+", r"bias\d+"
+_TOKENS = {_LAYOUT, _BIAS, "dn"}
+
+
+def _layout(bits: int, name: str, others: list[str]) -> tuple[int, int, int | None, bool]:
+    """Exponent and mantissa bits, bias and denormalisation of ``name`` (as written) from
+    its option tokens ``others`` (granularity removed)."""
+    layout, bias = exclusive(name, others, "layout", (_LAYOUT,)), exclusive(name, others, "bias", (_BIAS,))
     if layout is None:
         if bits not in DEFAULT_LAYOUT:
             raise FormatError(f"{name}: give the layout, e.g. fp{bits}-e{bits - 3}m2")
-        layout = DEFAULT_LAYOUT[bits]
-    if 1 + layout[0] + layout[1] != bits:
-        raise FormatError(f"{name}: 1 + {layout[0]} + {layout[1]} bits is not {bits}")
-    return layout[0], layout[1], bias, denorm
-
-
-_TOKENS = {r"e\d+m\d+", r"bias-?\d+", "dn", "raw", "mx"}
+        e, m = DEFAULT_LAYOUT[bits]
+    else:
+        e, m = int(layout[1 : layout.index("m")]), int(layout[layout.index("m") + 1 :])
+    if 1 + e + m != bits:
+        raise FormatError(f"{name}: 1 + {e} + {m} bits is not {bits}")
+    return e, m, None if bias is None else int(bias[4:]), "dn" in others
 
 
 @register_family("fp", "minifloat: fpB-eEmM[-biasN][-dn][-raw|-gG|-tensor|-mx] (default fp16 absmax scale per channel)")
 def _parse_fp(bits: int, tokens: list[str]) -> Format:
     name = f"fp{bits}"
-    group, per_tensor, others = group_tokens(name, tokens, _TOKENS)
-    e, m, bias, denorm = _layout(bits, others, name)
-    scaling = "none" if "raw" in others else "pow2" if "mx" in others else "absmax"
+    grain = () if "raw" in tokens else ("gN",) if "mx" in tokens else GRANULARITIES  # raw: no scale; mx: blocks
+    group, per_tensor, others = group_tokens(name, tokens, _TOKENS | {"raw", "mx"}, granularity=grain)
+    e, m, bias, denorm = _layout(bits, spelled(name, tokens), others)
+    scaling = {None: "absmax", "raw": "none", "mx": "pow2"}[exclusive(spelled(name, tokens), others, "scaling", ("raw", "mx"))]
     if scaling == "pow2" and group is None:
         group = MX_BLOCK
     return MinifloatFormat(e, m, bias, denorm, scaling, group, per_tensor)
@@ -120,14 +119,17 @@ def _parse_fp(bits: int, tokens: list[str]) -> Format:
 @register_family("mxfp", "OCP MX minifloat: mxfp4, mxfp6-e3m2, mxfp6-e2m3, mxfp8-e4m3, mxfp8-e5m2 (E8M0 scale, block 32)")
 def _parse_mxfp(bits: int, tokens: list[str]) -> Format:
     name = f"mxfp{bits}"
-    group, _, others = group_tokens(name, tokens, _TOKENS)
-    e, m, bias, denorm = _layout(bits, others, name)
-    return MinifloatFormat(e, m, bias, denorm, "pow2", MX_BLOCK if group is None else group)
+    group, _, others = group_tokens(name, tokens, {_LAYOUT}, granularity=("gN",))
+    e, m, _, _ = _layout(bits, spelled(name, tokens), others)
+    if (e, m) not in MX_LAYOUTS or group not in (None, MX_BLOCK):
+        raise FormatError(f"{spelled(name, tokens)}: OCP MX defines mxfp4, mxfp6-e3m2, mxfp6-e2m3, mxfp8-e4m3 and "
+                          f"mxfp8-e5m2, in blocks of {MX_BLOCK}; other layouts and blocks are bmf{bits}-e{e}m{m}-gG")
+    return MinifloatFormat(e, m, None, False, "pow2", MX_BLOCK)
 
 
 @register_family("bmf", "block minifloat: bmfB-eEmM-gG (exponent bias shared per block)")
 def _parse_bmf(bits: int, tokens: list[str]) -> Format:
     name = f"bmf{bits}"
-    group, _, others = group_tokens(name, tokens, _TOKENS)
-    e, m, bias, denorm = _layout(bits, others, name)
+    group, _, others = group_tokens(name, tokens, _TOKENS, granularity=("gN",))
+    e, m, bias, denorm = _layout(bits, spelled(name, tokens), others)
     return MinifloatFormat(e, m, bias, denorm, "pow2", 16 if group is None else group)

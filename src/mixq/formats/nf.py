@@ -2,7 +2,11 @@
 
 NF4 is built exactly as bitsandbytes' ``create_normal_map(offset=0.9677083)``: 2^(k-1)
 positive quantiles, 2^(k-1) - 1 negative ones and an exact zero, normalised to [-1, 1].
-NF3 and NF2 use the same construction with fewer levels.
+NF3 and NF2 use the same construction with fewer levels and their own offset, derived by
+the rule that gives NF4's: ``1 - 1/(2n)`` is the centre of the outermost of ``n`` bins of
+equal probability, and the asymmetric type takes the mean over ``n = 2^k - 1`` and
+``n = 2^k``: ``(1 - 1/(2(2^k - 1)) + 1 - 1/(2 * 2^k)) / 2`` (k = 4: 0.96770833, k = 3:
+0.93303571, k = 2: 0.85416667).
 """
 
 from __future__ import annotations
@@ -17,14 +21,21 @@ from mixq.formats.base import Format, check_group, granularity_suffix
 from mixq.formats.codebook import CodebookFormat
 from mixq.formats.registry import group_tokens, register_family
 
-NF_OFFSET = 0.9677083  # bitsandbytes' offset: (1 - 1/(2*15) + 1 - 1/(2*16)) / 2
+NF4_OFFSET = 0.9677083  # bitsandbytes' literal, nf_offset(4) rounded to 7 digits: NF4 keeps its table
+
+
+def nf_offset(bits: int) -> float:
+    """The quantile of the outermost NF level: (1 - 1/(2(2^k - 1)) + 1 - 1/(2 * 2^k)) / 2."""
+    n = 2**bits
+    return (1 - 1 / (2 * (n - 1)) + 1 - 1 / (2 * n)) / 2
 
 
 @functools.cache
 def nf_values(bits: int) -> tuple[float, ...]:
+    offset = NF4_OFFSET if bits == 4 else nf_offset(bits)
     npos, nneg = 2 ** (bits - 1), 2 ** (bits - 1) - 1
-    pos = torch.special.ndtri(torch.linspace(NF_OFFSET, 0.5, npos + 1, dtype=torch.float64)[:-1])
-    neg = -torch.special.ndtri(torch.linspace(NF_OFFSET, 0.5, nneg + 1, dtype=torch.float64)[:-1])
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, npos + 1, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, nneg + 1, dtype=torch.float64)[:-1])
     vals = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg])
     vals = vals / vals.abs().max()
     return tuple(sorted(float(v) for v in vals))

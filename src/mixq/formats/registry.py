@@ -49,20 +49,48 @@ def parse_format(name: str | Format) -> Format:
     return _FAMILIES[prefix][0](bits, tokens)
 
 
-def group_tokens(name: str, tokens: list[str], allowed: set[str]) -> tuple[int | None, bool, list[str]]:
-    """Split granularity tokens (``gN``, ``tensor``, ``ch``) from the others, which must be in ``allowed``."""
+GRANULARITIES = ("gN", "tensor", "ch")  # -g128 (groups of 128), -tensor, -ch (per channel, the default)
+
+
+def group_tokens(name: str, tokens: list[str], allowed: set[str], *,
+                 granularity: tuple[str, ...] = GRANULARITIES) -> tuple[int | None, bool, list[str]]:
+    """Split granularity tokens (``gN``, ``tensor``, ``ch``; those of ``granularity`` are
+    accepted) from the others, which must be in ``allowed`` (strings or regular expressions).
+    A repeated token and a second granularity token are refused: no token overrides another."""
+    full = spelled(name, tokens)
     group: int | None = None
     per_tensor = False
+    grain: str | None = None
     others: list[str] = []
-    for tok in tokens:
-        if re.fullmatch(r"g\d+", tok):
-            group = int(tok[1:])
-        elif tok == "tensor":
-            per_tensor = True
-        elif tok == "ch":
-            group = None
+    for i, tok in enumerate(tokens):
+        if tok in tokens[:i]:
+            raise FormatError(f"format {full!r}: option {tok!r} given twice")
+        kind = "gN" if re.fullmatch(r"g\d+", tok) else tok if tok in GRANULARITIES else None
+        if kind is not None:
+            if kind not in granularity:
+                takes = ", ".join(f"-{g}" for g in granularity) or "no granularity option"
+                raise FormatError(f"format {full!r}: option {tok!r} does not apply (it takes {takes})")
+            if grain is not None:
+                raise FormatError(f"format {full!r}: {grain!r} and {tok!r} clash (one granularity)")
+            grain = tok
+            group = int(tok[1:]) if kind == "gN" else None
+            per_tensor = kind == "tensor"
         elif tok in allowed or any(re.fullmatch(a, tok) for a in allowed):
             others.append(tok)
         else:
-            raise FormatError(f"format {name!r}: unknown option {tok!r}")
+            raise FormatError(f"format {full!r}: unknown option {tok!r}")
     return group, per_tensor, others
+
+
+def spelled(name: str, tokens: list[str]) -> str:
+    """A format name as written: ``int4`` and ``["sym", "g32"]`` -> ``int4-sym-g32``."""
+    return "-".join([name, *tokens])
+
+
+def exclusive(name: str, tokens: list[str], kind: str, patterns: tuple[str, ...]) -> str | None:
+    """The one token of ``tokens`` that fully matches a pattern of ``patterns`` (None if none);
+    two such tokens (``sym`` and ``fmin``, ``e4m3`` and ``e5m2``) clash."""
+    found = [t for t in tokens if any(re.fullmatch(p, t) for p in patterns)]
+    if len(found) > 1:
+        raise FormatError(f"format {name!r}: {' and '.join(repr(t) for t in found)} clash (one {kind})")
+    return found[0] if found else None
