@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mixq.commands.common import (add_shared, calibration, calibration_record, load_for, plan_label, provenance_record,
-                                  say, setup_run, solver_options, write_report)
+from mixq.commands.common import (add_shared, calibration, calibration_record, plan_label, provenance_record, say,
+                                  setup_run, solver_options, write_report)
 
 NAME = "quantize"
 
@@ -64,14 +64,19 @@ def save_model(model: Any, tokenizer: Any, folder: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mixq.errors import PlanError
+    from mixq.models import load_for_quantize
     from mixq.plan import Plan
     from mixq.quantize import quantize_
 
     run_ = setup_run(args)
     plan = Plan.parse(args.plan).with_solver(args.solver, solver_options(args))
     out = Path(args.out)
-    loaded = load_for(args, run_)
+    say(args, f"loading {args.model} ({run_.dtype}, {run_.device})")
+    loaded = load_for_quantize(args.model, dtype=run_.dtype, device=run_.device)  # keeps a classification head
     report = plan.size_report(loaded.model)  # validates the plan before any work
+    if not report.layers:
+        raise PlanError(f"plan {plan.describe()!r} quantizes no layer of this model: nothing to save")
     calib = calibration(args, loaded, [plan])
     result = quantize_(loaded.model, plan, calibration=calib, device=run_.device, batch_size=run_.batch_size,
                        progress=not args.json, log=lambda m: say(args, m))
