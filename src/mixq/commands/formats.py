@@ -9,7 +9,7 @@ from typing import Any
 NAME = "formats"
 EXAMPLES = ("int8", "int8-sym", "int4-g128", "int4-g32", "int4-fmin-g32", "int3-g128", "int2-g64", "fp8-e4m3",
             "fp8-e5m2", "fp6-e3m2", "fp6-e2m3", "fp4-e2m1", "fp8-e4m3-dn", "log4", "nf4-g64", "nf3-g64", "mxfp4",
-            "mxfp6-e3m2", "mxfp8-e4m3", "mxint8", "bfp4-g16", "bmf6-e3m2-g16", "blog4-g16")
+            "mxfp6-e3m2", "mxfp8-e4m3", "mxint8", "bfp4-g16", "bmf6-e3m2-g16", "blog4-g16", "fxp8-f5")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
