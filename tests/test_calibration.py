@@ -31,7 +31,7 @@ def test_gram_running_mean():
         g.add(batch)
     flat = x.reshape(-1, 16)
     assert torch.allclose(g.matrix, flat.T @ flat / 150, atol=1e-5)
-    assert g.tokens == 150 and torch.equal(g.absmax, flat.abs().amax(0))
+    assert g.tokens == 150
 
 
 def _gemma3(**extra):

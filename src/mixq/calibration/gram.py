@@ -12,7 +12,6 @@ class Gram:
     def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
         self.matrix = torch.zeros(dim, dim, dtype=torch.float32, device=device)
         self.tokens = 0
-        self.absmax = torch.zeros(dim, dtype=torch.float32, device=device)  # per input feature
 
     def add(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.matrix.device, torch.float32)
@@ -20,5 +19,4 @@ class Gram:
         if m == 0:
             return
         self.matrix.mul_(n / (n + m)).addmm_(x.T, x, alpha=1.0 / (n + m))
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
         self.tokens = n + m

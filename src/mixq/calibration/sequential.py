@@ -48,7 +48,7 @@ from mixq.formats import QTensor
 from mixq.models import Matrix, matrix_by_name, transformer_blocks
 from mixq.plan import LayerSpec
 from mixq.solvers import SolveResult, get_solver
-from mixq.solvers.rtn import layer_loss
+from mixq.solvers.rtn import layer_loss, quadratic_form
 
 #: block arguments that carry a key/value cache, dropped from the recorded ones
 CACHE_ARGUMENTS = ("past_key_value", "past_key_values", "layer_past", "cache")
@@ -350,8 +350,7 @@ def _solve_group(members: list[Member]) -> list[tuple[Member, SolveResult, float
 
 
 def _relative(loss: float, weight: Tensor, gram: Tensor) -> float:
-    w = weight.float()
-    ref = float(((w @ gram) * w).sum())
+    ref = quadratic_form(weight, gram)
     return loss / ref if ref > 0 else 0.0
 
 

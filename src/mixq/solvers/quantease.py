@@ -29,7 +29,7 @@ from mixq.solvers.gptq import GPTQOptions, prepare, solve_gptq
 from mixq.solvers.grid import ColumnGrid
 from mixq.solvers.outliers import check_fraction, hard_threshold, outlier_bits, outlier_count, salient
 from mixq.solvers.registry import SolveResult, register_solver
-from mixq.solvers.rtn import layer_loss
+from mixq.solvers.rtn import layer_loss, quadratic_form
 
 
 @dataclass(frozen=True)
@@ -58,10 +58,6 @@ def _extra_bits(options: QuantEaseOptions, shape: tuple[int, int]) -> int:
 def relaxed(it: int, iterations: int) -> bool:
     """Whether sweep ``it`` (0-based) is unquantized under the paper's schedule."""
     return it % 3 == 1 and it != iterations - 1 and it <= 25
-
-
-def objective(delta: Tensor, sigma: Tensor) -> float:
-    return float(((delta @ sigma) * delta).sum())
 
 
 def sweep(w: Tensor, sigma_n: Tensor, grid: ColumnGrid, w_hat: Tensor, *, quantize: bool, block_size: int) -> None:
@@ -152,12 +148,12 @@ def coordinate_descent(w: Tensor, sigma: Tensor, grid: ColumnGrid, w_hat: Tensor
     ``history`` (if given) receives f after every sweep (relaxed sweeps included).
     """
     w_hat = w_hat.clone()
-    best, best_f = w_hat.clone(), objective(w - w_hat, sigma)
+    best, best_f = w_hat.clone(), quadratic_form(w - w_hat, sigma)
     run = Sweeper(w, sigma, grid, w_hat, block_size=block_size, graphs=graphs)
     for it in range(iterations):
         quantize = not (relax and relaxed(it, iterations))
         run(quantize)
-        f = objective(w - w_hat, sigma)
+        f = quadratic_form(w - w_hat, sigma)
         if history is not None:
             history.append(f)
         if quantize and f < best_f:
@@ -184,13 +180,13 @@ def outlier_aware(w: Tensor, sigma: Tensor, fmt: Format, *, start: Callable[[Ten
     target = w - h
     run = Sweeper(target, sigma, grid, q, block_size=block_size, graphs=graphs)
     lam = float(torch.linalg.eigvalsh(sigma)[-1])
-    best = (q.clone(), h.clone(), objective(w - q - h, sigma))
+    best = (q.clone(), h.clone(), quadratic_form(w - q - h, sigma))
     for it in range(iterations):
         quantize = not (relax and relaxed(it, iterations))
         target.copy_(w - h)
         run(quantize)
         h = hard_threshold(h + (w - q - h) @ sigma / lam, keep, structured)
-        f = objective(w - q - h, sigma)
+        f = quadratic_form(w - q - h, sigma)
         if history is not None:
             history.append(f)
         if quantize and f < best[2]:

@@ -21,10 +21,16 @@ class RTNOptions:
         check_fraction("rtn", self.outliers)
 
 
+def quadratic_form(d: Tensor, gram: Tensor) -> float:
+    """tr(D H Dᵀ): for D = W − Ŵ the layer reconstruction error ‖WX − ŴX‖² per token (the one
+    place mixq computes it)."""
+    d = d.float()
+    return float(((d @ gram.float()) * d).sum())
+
+
 def layer_loss(weight: Tensor, approx: Tensor, gram: Tensor) -> float:
     """tr((W - Ŵ) H (W - Ŵ)ᵀ): the layer reconstruction error ‖WX − ŴX‖² per token."""
-    d = (weight.float() - approx.float())
-    return float(((d @ gram.float()) * d).sum())
+    return quadratic_form(weight.float() - approx.float(), gram)
 
 
 def _extra_bits(options: RTNOptions, shape: tuple[int, int]) -> int:
