@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -17,9 +19,11 @@ class WeightCache:
     fixed ones) take their format in every trial.
     """
 
-    def __init__(self, model: nn.Module, layers: list[str], pinned: dict[str, str] | None = None) -> None:
+    def __init__(self, model: nn.Module, layers: list[str], pinned: dict[str, str] | None = None,
+                 format_of: Callable[[str, str], str] | None = None) -> None:
         self.model = model
         self.pinned = dict(pinned or {})
+        self.format_of = format_of  # (layer, choice) -> format name (``SearchSpace.format_of``); None: the choice
         self.original = {n: model.get_submodule(n).weight.detach().clone() for n in [*layers, *self.pinned]}
         self.cache: dict[tuple[str, str], Tensor] = {}
 
@@ -27,7 +31,8 @@ class WeightCache:
         key = (layer, choice)
         if key not in self.cache:
             w = self.original[layer]
-            self.cache[key] = parse_format(choice).fake_quantize(w).to(w.dtype)
+            fmt = choice if self.format_of is None else self.format_of(layer, choice)
+            self.cache[key] = parse_format(fmt).fake_quantize(w).to(w.dtype)
         return self.cache[key]
 
     @torch.no_grad()
@@ -50,7 +55,8 @@ class WeightCache:
 
         searched = [n for u in units for n in u.layers]
         fixed = Plan(space.fixed).resolve(model) if space.fixed else {}
-        return cls(model, searched, {n: spec.format.name for n, spec in fixed.items() if n not in searched})
+        return cls(model, searched, {n: spec.format.name for n, spec in fixed.items() if n not in searched},
+                   space.format_of)
 
 
 __all__ = ["WeightCache"]
