@@ -72,8 +72,9 @@ def test_cli_json_rows_and_reproducible_samples(capsys, tiny_dir):
     common = ["--model", str(tiny_dir), "--prompt", "I have a dream", "--max-new-tokens", "12", "--device", "cpu",
               "--json"]
     out = _run(capsys, *common, "--plan", "base,int8,int2-g32")
-    assert set(out) >= {"model", "prompt", "prompt_tokens", "decoding", "base_ppl", "rows", "provenance"}
+    assert set(out) >= {"model", "prompt", "prompt_tokens", "decoding", "scored", "rows", "provenance"}
     assert out["decoding"] == {"mode": "greedy", "max_new_tokens": 12}
+    assert out["scored"] == "perplexity under the base model of the generated tokens given the prompt"
     assert [r["label"] for r in out["rows"]] == ["base", "int8", "int2-g32"]
     base, int8, int2 = out["rows"]
     assert base["bits_per_weight"] == 16.0 and int2["bits_per_weight"] < int8["bits_per_weight"] < 16

@@ -64,10 +64,10 @@ def run(args: argparse.Namespace) -> int:
                      "bits_per_weight": report.bits_per_weight, "size_bytes": report.size_bytes,
                      "calibration": calibration_record(args, calib) if q else None})
         say(args, f"{label}: {len(new)} tokens, base perplexity {rows[-1]['base_ppl']:.2f}")
-    scored = ("every token after the first, prompt included" if args.score_prompt
+    scored = ("every token after the first, prompt included (as the fourth seed)" if args.score_prompt
               else "the generated tokens given the prompt")
     result = {"model": args.model, "prompt": args.prompt, "prompt_tokens": prompt.tolist(),
-              "decoding": decoding.describe(), "base_ppl": f"perplexity under the base model of {scored}",
+              "decoding": decoding.describe(), "scored": f"perplexity under the base model of {scored}",
               "rows": rows, "provenance": provenance_record(args, loaded.identity(), run_.device)}
     if args.json:
         print(json.dumps(result), flush=True)
@@ -94,4 +94,4 @@ def table(result: dict[str, Any]) -> None:
     out.add_row("bits/weight", *[f"{r['bits_per_weight']:.3f}" for r in rows])
     console = Console()
     console.print(out)
-    console.print(f"base ppl: {result['base_ppl']}")
+    console.print(f"base ppl: {result['scored']}")
