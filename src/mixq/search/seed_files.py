@@ -240,9 +240,9 @@ class Block:
     groups: tuple[int, ...]
 
 
-def blocks_of(space: SearchSpace, model: nn.Module) -> tuple[str, list[Block]]:
-    """(the blocks' prefix, every block as the seed files see it); a space they cannot hold
-    (not per block, a block partly fixed, formats other than int{b}-g{g}) is an error."""
+def blocks_of(space: SearchSpace, model: nn.Module) -> list[Block]:
+    """Every transformer block as the seed files see it; a space they cannot hold (not per
+    block, a block partly fixed, formats other than int{b}-g{g}) is an error."""
     from mixq.models import quantizable_layers, transformer_blocks
 
     if space.granularity != "block" or space.fraction is not None:
@@ -273,17 +273,17 @@ def blocks_of(space: SearchSpace, model: nn.Module) -> tuple[str, list[Block]]:
             raise PlanError(f"block {i}: its choices {', '.join(formats)} are not every bit width with every group "
                             "size, as a seed file's block is")
         blocks.append(Block(name, formats, bits, groups))
-    return prefix, blocks
+    return blocks
 
 
 def seed_space_of(space: SearchSpace, model: nn.Module) -> SeedSpace:
     """The seed parameter space of a (block-granularity, integer) search space."""
-    return SeedSpace.of_blocks([(b.bits, b.groups) for b in blocks_of(space, model)[1]])
+    return SeedSpace.of_blocks([(b.bits, b.groups) for b in blocks_of(space, model)])
 
 
 def samples_of(space: SearchSpace, model: nn.Module, assignments: list[dict[str, str]]) -> dict[str, Any]:
     """``{"initial_samples": [...]}``: each assignment as the seed's keys, every block's two values."""
-    blocks = blocks_of(space, model)[1]
+    blocks = blocks_of(space, model)
     samples = []
     for a in assignments:
         sample: dict[str, int] = {}
@@ -302,11 +302,11 @@ def read_samples(path: str | Path, space: SearchSpace, model: nn.Module, *,
     samples = data.get("initial_samples") if isinstance(data, dict) else None
     if not isinstance(samples, list) or not all(isinstance(s, dict) for s in samples):
         raise PlanError(f"{path}: expected {{\"initial_samples\": [{{\"bitwidth.0.\": 5, ...}}, ...]}}")
-    blocks = blocks_of(space, model)[1]
+    blocks = blocks_of(space, model)
+    keys = {names[p].format(i=i) for i in range(len(blocks)) for p in PARAMETERS}
     starts = []
     for k, sample in enumerate(samples):
         where = f"{path}: initial sample {k}"
-        keys = {names[p].format(i=i): (i, p) for i in range(len(blocks)) for p in PARAMETERS}
         unknown = [key for key in sample if key not in keys]
         if unknown:
             raise PlanError(f"{where}: {unknown[0]!r} names no block of the model's {len(blocks)} "
@@ -354,6 +354,7 @@ def read_space(path: str | None) -> SearchSpace | SeedSpace:
 
 
 def bind_space(space: SearchSpace | SeedSpace, model: nn.Module) -> SearchSpace:
+    """The search space of ``read_space``'s result for this model (a seed file: over its blocks)."""
     from mixq.models import transformer_blocks
 
     if isinstance(space, SearchSpace):
