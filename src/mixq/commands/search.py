@@ -19,7 +19,9 @@ REQUANTIZE_TRIALS = 3  # trials of the reload-and-requantize loop timed after th
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     se = subparsers.add_parser("search", help="search per-layer formats under a size budget")
-    se.add_argument("--space", default=None, help="search space file (YAML/JSON); default: block granularity, int2..int8")
+    se.add_argument("--space", default=None, help="search space file (YAML/JSON) or the first seed's Ax parameter-space "
+                                                   "file; default: block granularity, int2..int8")
+    se.add_argument("--profile", default=None, help="a mixq profile file: the fraction widths of a fraction: profile space")
     se.add_argument("--objective", default="ppl", choices=["ppl", "pareto", "acc"],
                     help="ppl: lowest perplexity on validation windows within the budget (with --min-acc: among plans "
                          "accurate enough); pareto: the perplexity/size front; acc: highest mean zero-shot accuracy over "
@@ -45,7 +47,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     se.add_argument("--run-dir", required=True, help="where the study, trials and report are kept")
     se.add_argument("--resume", action="store_true", help="continue the study in --run-dir")
     se.add_argument("--final-limit", type=int, default=None, help="test windows for the final table (default: all)")
-    se.add_argument("--initial", action="append", default=[], metavar="PLAN", help="a plan to evaluate first (repeatable)")
+    se.add_argument("--initial", action="append", default=[], metavar="PLAN",
+                    help="a plan, or the first seed's initial-samples file, to evaluate first (repeatable)")
+    se.add_argument("--export-seed-files", default=None, metavar="DIR",
+                    help="write the space and the best plans as the first seed's parameter-space and initial-samples files")
     se.add_argument("--sens", default=None, help="sensitivity file (mixq sensitivity): guided starts from it")
     se.add_argument("--starts", type=int, default=4, help="with --sens: how many guided starts (default 4)")
     add_shared(se)
@@ -58,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from mixq.errors import PlanError
     from mixq.evaluate import perplexity
     from mixq.plan import Plan
-    from mixq.search import SearchConfig, SearchSpace, Start, run_search
+    from mixq.search import SearchConfig, Start, run_search
     from mixq.search.objective import (
         RESCORE_FACTOR,
         check_tasks,
@@ -72,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from mixq.search.cache import WeightCache
     from mixq.search.objective import pareto_front
     from mixq.search.report import write_report
+    from mixq.search.seed_files import bind_space, export_seed_files, initial_starts, read_space, seed_space_of
     from mixq.search.size import SizeModel
     from mixq.search.starts import guided_starts
     from mixq.search.store import Store
@@ -96,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                           task_metric=args.task_metric, min_acc=args.min_acc)
     if tasks:
         check_tasks(tasks, args.data_dir, config.task_metric)  # a missing task file is refused before the model loads
-    space = SearchSpace.load(args.space) if args.space else SearchSpace()
+    given = read_space(args.space)
     sens = None
     if args.sens:
         if not Path(args.sens).is_file():
@@ -106,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_for(args, run_)
     load_seconds = time.perf_counter() - t_load
     model = loaded.model
+    space = bind_space(given, model)
+    if args.profile:
+        space = space.with_profile(args.profile)
+    if args.export_seed_files:
+        seed_space_of(space, model)  # a space the seed files cannot hold is refused before the search
     limit = args.limit or 4
 
     def text_windows(split: str, n: int | None) -> Any:
@@ -126,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             "backend": args.backend, "trials": args.trials, "seed": args.seed, "command": args.command_line}
     units = space.units(model)
     initial = [Start(f"uniform {c}", {u.name: c for u in units}) for c in space.choices]  # uniform baselines first
-    initial += [Start(f"plan {p}", space.assignment_of(units, Plan.parse(p), model)) for p in args.initial]
+    initial += [s for p in args.initial for s in initial_starts(p, space, units, model, given)]
     guided = []
     if sens is not None:
         guided = guided_starts(sens, space, units, SizeModel(space, units, model), config, count=args.starts, seed=args.seed)
@@ -160,6 +171,9 @@ def run(args: argparse.Namespace) -> int:
         best = min(top, key=lambda t: (not feasible(t), t["rescore_ppl"]))
     best_plan = Plan.from_dict(best["plan"])
     best_plan.save(run_dir / "best_plan.yaml")
+    if args.export_seed_files:
+        export_seed_files(args.export_seed_files, space, model,
+                          [best["assignment"]] + [t["assignment"] for t in top if t is not best])
     final_tasks = scorer(args.final_task_limit, stderr=True) if tasks else None
 
     def final(label: str, plan: Any, calibration: Any = None) -> dict[str, Any]:
@@ -178,16 +192,16 @@ def run(args: argparse.Namespace) -> int:
         rep = p.size_report(model)
         return config.budget_ok(rep.bits_per_weight, rep.size_bytes)
 
-    uniform = [c for c in space.choices if fits(Plan.uniform(c))]
+    uniform = [c for c in space.choices if fits(space.uniform(c, units))]
     rows = [final("base (16-bit)", Plan())]
     for name in ("int8", "int4-g128"):
         try:
             rows.append(final(f"{name} uniform", Plan.uniform(name)))
         except PlanError:  # a format this model's rows cannot take (e.g. groups wider than a row)
             pass
-    top_uniform = max(uniform, key=lambda c: Plan.uniform(c).bits(model)) if uniform else None
+    top_uniform = max(uniform, key=lambda c: space.uniform(c, units).bits(model)) if uniform else None
     if top_uniform is not None:
-        rows.append(final(f"heuristic: largest uniform that fits ({top_uniform})", Plan.uniform(top_uniform)))
+        rows.append(final(f"heuristic: largest uniform that fits ({top_uniform})", space.uniform(top_uniform, units)))
     scored = {name: rank(t) for t in trials if "start" in t for name in t["start"].split(" = ")}
     best_uniform = min(uniform, key=lambda c: scored.get(f"uniform {c}", (True, float("inf")))) if uniform else None
     by = "scoring accuracy" if config.objective == "acc" else "validation ppl"
@@ -195,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         by += f" with acc ≥ {config.min_acc}"
     if (best_uniform is not None and best_uniform != top_uniform and f"uniform {best_uniform}" in scored
             and not scored[f"uniform {best_uniform}"][0]):  # [0]: below --min-acc
-        rows.append(final(f"best uniform that fits, by {by} ({best_uniform})", Plan.uniform(best_uniform)))
+        rows.append(final(f"best uniform that fits, by {by} ({best_uniform})", space.uniform(best_uniform, units)))
     if guided:  # the first guided start, as the search began from it
         rows.append(final(f"start: {guided[0].label}", space.plan(units, guided[0].assignment)))
     rows.append(final("best searched plan", best_plan))
@@ -204,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         opts = solver_options(args)
         plans = [("best searched plan", best_plan)]
         if top_uniform is not None:
-            plans.append((f"{top_uniform} uniform", Plan.uniform(top_uniform)))
+            plans.append((f"{top_uniform} uniform", space.uniform(top_uniform, units)))
         plans = [(label, p.with_solver(solver, opts)) for label, p in plans]
         calib = calibration(args, loaded, [p for _, p in plans])
         described = " ".join([solver, *(f"{k}={v}" for k, v in opts.items())])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -18,9 +20,11 @@ class WeightCache:
     fixed ones) take their format in every trial.
     """
 
-    def __init__(self, model: nn.Module, layers: list[str], pinned: dict[str, str] | None = None) -> None:
+    def __init__(self, model: nn.Module, layers: list[str], pinned: dict[str, str] | None = None,
+                 format_of: Callable[[str, str], str] | None = None) -> None:
         self.model = model
         self.pinned = dict(pinned or {})
+        self.format_of = format_of  # (layer, choice) -> format name (``SearchSpace.format_of``); None: the choice
         self.matrices = {n: matrix_by_name(model, n) for n in [*layers, *self.pinned]}
         self.original = {n: m.get().detach().clone() for n, m in self.matrices.items()}
         self.cache: dict[tuple[str, str], Tensor] = {}
@@ -29,7 +33,8 @@ class WeightCache:
         key = (layer, choice)
         if key not in self.cache:
             w = self.original[layer]
-            self.cache[key] = each_matrix(w, parse_format(choice).fake_quantize).to(w.dtype)
+            fmt = choice if self.format_of is None else self.format_of(layer, choice)
+            self.cache[key] = each_matrix(w, parse_format(fmt).fake_quantize).to(w.dtype)
         return self.cache[key]
 
     @torch.no_grad()
@@ -52,7 +57,8 @@ class WeightCache:
 
         searched = [n for u in units for n in u.layers]
         fixed = Plan(space.fixed).resolve(model) if space.fixed else {}
-        return cls(model, searched, {n: spec.format.name for n, spec in fixed.items() if n not in searched})
+        return cls(model, searched, {n: spec.format.name for n, spec in fixed.items() if n not in searched},
+                   space.format_of)
 
 
 __all__ = ["WeightCache"]

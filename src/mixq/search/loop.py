@@ -29,7 +29,7 @@ from mixq.search.backends import BackendContext, Fallback, check_backend, make_p
 from mixq.search.cache import WeightCache
 from mixq.search.config import SearchConfig, Start
 from mixq.search.objective import mean_accuracy, rank, task_summary
-from mixq.search.size import SizeModel, check_budget, mutate, repair
+from mixq.search.size import SizeModel, check_budget, mutate, project, repair
 from mixq.search.space import SearchSpace
 from mixq.search.store import Store
 
@@ -69,7 +69,9 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
     rejected = done[-1]["rejected_so_far"] if done else 0
     queued: dict[str, Start] = {}  # one trial per assignment; starts that coincide share it (labels joined)
     for start in initial or []:
-        a, label = start.assignment, start.label
+        a, label = project(space, units, start.assignment), start.label
+        if a != start.assignment:
+            label = f"{label} (projected onto the units' allowed choices)"
         if not fits(a):
             a, label = repair(space, units, a, fits), f"{label} (repaired to fit)"
         key = json.dumps(a, sort_keys=True)
@@ -92,6 +94,7 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
                 source = config.backend
                 if isinstance(handle, Fallback):  # the backend could not propose: a random plan instead
                     source, handle = "random", None
+                assignment = project(space, units, assignment)  # units restricted by the space's ``allowed``
                 if not fits(assignment):
                     if handle is not None:
                         proposer.reject(handle)

@@ -18,28 +18,49 @@ from mixq.search.space import SearchSpace, Unit
 
 
 def cost_order(space: SearchSpace, shape: tuple[int, int]) -> list[str]:
-    return sorted(space.choices, key=lambda c: parse_format(c).bits_per_weight(shape))
+    return sorted(space.choices, key=lambda c: parse_format(space.cost_format(c)).bits_per_weight(shape))
+
+
+def unit_orders(space: SearchSpace, units: list[Unit]) -> dict[str, list[str]]:
+    """Each unit's allowed choices in cost order."""
+    order = cost_order(space, (4096, 4096))
+    return {u.name: [c for c in order if c in space.choices_of(u.name)] for u in units}
+
+
+def project(space: SearchSpace, units: list[Unit], assignment: dict[str, str]) -> dict[str, str]:
+    """Each unit's choice where the space allows it, else the allowed choice nearest to it in
+    cost order (the cheaper of two as near): the identity on a space without ``allowed``."""
+    order = cost_order(space, (4096, 4096))
+    out = {}
+    for u in units:
+        c, allowed = assignment[u.name], space.choices_of(u.name)
+        out[u.name] = c if c in allowed else min(allowed, key=lambda a: (abs(order.index(a) - order.index(c)),
+                                                                         order.index(a)))
+    return out
 
 
 def repair(space: SearchSpace, units: list[Unit], assignment: dict[str, str], fits) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    """Step the most expensive units down one choice at a time until ``fits(assignment)``,
+    """Step the most expensive units down one (allowed) choice at a time until ``fits(assignment)``,
     then lift the cheapest ones while the plan still fits."""
     order = cost_order(space, (4096, 4096))
-    a = dict(assignment)
+    orders = unit_orders(space, units)
+    a = project(space, units, assignment)
     while not fits(a):
-        candidates = [u for u in units if order.index(a[u.name]) > 0]
+        candidates = [u for u in units if orders[u.name].index(a[u.name]) > 0]
         if not candidates:
             raise PlanError("no plan of this space fits the budget")
         worst = max(candidates, key=lambda u: (order.index(a[u.name]), -units.index(u)))
-        a[worst.name] = order[order.index(a[worst.name]) - 1]
+        steps = orders[worst.name]
+        a[worst.name] = steps[steps.index(a[worst.name]) - 1]
     # then spend what is left: lift the cheapest units one choice while the plan still fits
     changed = True
     while changed:
         changed = False
         for u in sorted(units, key=lambda u: order.index(a[u.name])):
-            i = order.index(a[u.name])
-            if i + 1 < len(order):
-                trial = {**a, u.name: order[i + 1]}
+            steps = orders[u.name]
+            i = steps.index(a[u.name])
+            if i + 1 < len(steps):
+                trial = {**a, u.name: steps[i + 1]}
                 if fits(trial):
                     a, changed = trial, True
     return a
@@ -61,10 +82,10 @@ class SizeModel:
         self.params = {u.name: sum(matrix_by_name(model, n).numel for n in u.layers) for u in units}
         for u in units:
             for c in space.choices:
-                fmt = parse_format(c)
                 total = 0
                 for layer in u.layers:
                     m = matrix_by_name(model, layer)
+                    fmt = parse_format(space.format_of(layer, c))
                     total += (fmt.storage_bits(m.shape) + solver.extra_bits(opts, m.shape)) * m.count
                 self.bits[(u.name, c)] = total
         searched = sum(self.bits[(u.name, first[u.name])] for u in units)
@@ -92,14 +113,14 @@ def mutate(space: SearchSpace, units: list[Unit], parent: dict[str, str], fits, 
            moves: int = 2) -> dict[str, str]:
     """A local step (as EvoPress's search): ``moves`` random units one choice up, as many one
     choice down (in cost order), then repaired to fit the budget."""
-    order = cost_order(space, (4096, 4096))
-    a = dict(parent)
+    orders = unit_orders(space, units)
+    a = project(space, units, parent)
     for _ in range(moves):
         up, down = rng.sample(units, 2) if len(units) > 1 else (units[0], units[0])
-        i = order.index(a[up.name])
-        a[up.name] = order[min(i + 1, len(order) - 1)]
-        j = order.index(a[down.name])
-        a[down.name] = order[max(j - 1, 0)]
+        steps = orders[up.name]
+        a[up.name] = steps[min(steps.index(a[up.name]) + 1, len(steps) - 1)]
+        steps = orders[down.name]
+        a[down.name] = steps[max(steps.index(a[down.name]) - 1, 0)]
     return a if fits(a) else repair(space, units, a, fits)
 
 
@@ -107,8 +128,8 @@ def check_budget(space: SearchSpace, units: list[Unit], size: SizeModel, config:
     """Refuse a budget that no plan of the space meets, saying by how much."""
     if config.max_bits is not None and not 0 < config.max_bits <= 16:
         raise PlanError(f"--max-bits must be in (0, 16], got {config.max_bits}")
-    cheapest = cost_order(space, (4096, 4096))[0]
-    bits, nbytes = size({u.name: cheapest for u in units})
+    orders = unit_orders(space, units)
+    bits, nbytes = size({u.name: orders[u.name][0] for u in units})
     if config.max_bits is not None and bits > config.max_bits:
         raise PlanError(f"infeasible budget: the smallest plan of this space averages {bits:.4f} bits/weight, "
                         f"{bits - config.max_bits:.4f} above --max-bits {config.max_bits}")
@@ -117,4 +138,4 @@ def check_budget(space: SearchSpace, units: list[Unit], size: SizeModel, config:
                         f"{nbytes - config.max_size:,} more than --max-size {config.max_size:,}")
 
 
-__all__ = ["SizeModel", "check_budget", "cost_order", "mutate", "repair"]
+__all__ = ["SizeModel", "check_budget", "cost_order", "mutate", "project", "repair", "unit_orders"]

@@ -7,13 +7,25 @@
     fixed:                      # layers pinned to a spec, not searched
       - {match: "re:model\\.layers\\.0\\..*", format: int8}
     tied: [[q_proj, k_proj, v_proj], [gate_proj, up_proj]]   # fused by serving engines
+    allowed:                    # units searched among fewer of the choices (e.g. from a seed file)
+      - {match: model.layers.3, choices: [int4-g128, int8]}
 
 A *unit* is what one search parameter sets: one layer (or one tied group of layers) of
 one block, a whole block, one layer kind shared by every block, or the whole model.
+
+Units restricted by ``allowed`` are searched over the shared ``choices`` like any other:
+a proposal giving a unit a choice it does not allow is projected onto the allowed choice
+nearest in cost (``size.project``) before it is checked and scored.
+
+``fraction: profile`` (with ``profile: PATH``, a ``mixq profile`` file): the choices are
+fixed-point widths (``fxp8``) and every layer takes ``fxp{W}-f{F}`` with its own fraction
+width ``F = W − 1 − ceil(log2 max|w|)`` from the profile (``mixq.profile.fraction_format``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +39,8 @@ from mixq.plan import LayerSpec, Plan, matches, read_yaml
 GRANULARITIES = ("layer", "block", "shared", "model")
 DEFAULT_CHOICES = ("int2-g64", "int3-g128", "int3-g64", "int3-g32", "int4-g128", "int4-g32", "int5-g128", "int6-g128", "int8")
 DEFAULT_TIED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+FRACTION_RULES = ("profile",)
+_WIDTH = re.compile(r"fxp(\d+)")  # a fixed-point width of a fraction: profile space
 
 
 @dataclass(frozen=True)
@@ -43,28 +57,52 @@ class SearchSpace:
     include: tuple[str, ...] = ()
     fixed: tuple[tuple[str, LayerSpec], ...] = ()
     tied: tuple[tuple[str, ...], ...] = DEFAULT_TIED
+    allowed: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (unit name or re: pattern, its choices)
+    fraction: str | None = None  # "profile": choices are fixed-point widths, fractions from the profile
+    profile: str | None = None  # the profile file of fraction: profile
+    profile_absmax: tuple[tuple[str, float], ...] = ()  # max |w| per layer, read from it
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise PlanError(f"search space: granularity {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
         if not self.choices:
             raise PlanError("search space: no choices")
+        if self.fraction is not None and self.fraction not in FRACTION_RULES:
+            raise PlanError(f"search space: fraction {self.fraction!r} is not one of {', '.join(FRACTION_RULES)}")
         for c in self.choices:
-            LayerSpec.from_dict({"format": c, "solver": self.solver}, f"search space choice {c!r}")
+            if self.fraction is None:
+                LayerSpec.from_dict({"format": c, "solver": self.solver}, f"search space choice {c!r}")
+            elif not _WIDTH.fullmatch(c):
+                raise PlanError(f"search space: with fraction: {self.fraction} the choices are fixed-point widths "
+                                f"(fxp4, fxp8 ...), got {c!r}")
+        if self.fraction is not None:  # a width names no format alone: the formats are checked per layer
+            from mixq.solvers import get_solver
+
+            get_solver(self.solver)
         if len(set(self.choices)) != len(self.choices):
             raise PlanError("search space: duplicate choices")
+        for m, allowed in self.allowed:
+            if not allowed or not set(allowed) <= set(self.choices):
+                raise PlanError(f"search space: allowed {m!r}: its choices {list(allowed)} must be some of the "
+                                f"space's ({', '.join(self.choices)})")
 
     # -- serialisation ----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"granularity": self.granularity, "choices": list(self.choices), "solver": self.solver,
-                "include": list(self.include), "fixed": [{"match": m, **s.to_dict()} for m, s in self.fixed],
-                "tied": [list(t) for t in self.tied]}
+        d = {"granularity": self.granularity, "choices": list(self.choices), "solver": self.solver,
+             "include": list(self.include), "fixed": [{"match": m, **s.to_dict()} for m, s in self.fixed],
+             "tied": [list(t) for t in self.tied]}
+        if self.allowed:  # written only when used: older studies' spaces read back unchanged
+            d["allowed"] = [{"match": m, "choices": list(c)} for m, c in self.allowed]
+        if self.fraction is not None:
+            d.update({"fraction": self.fraction, "profile": self.profile})
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SearchSpace:
         if not isinstance(d, dict):
             raise PlanError("a search space is a mapping (granularity, choices, ...)")
-        unknown = set(d) - {"granularity", "choices", "solver", "include", "fixed", "tied"}
+        unknown = set(d) - {"granularity", "choices", "solver", "include", "fixed", "tied", "allowed", "fraction",
+                            "profile"}
         if unknown:
             raise PlanError(f"search space: unknown key(s) {', '.join(sorted(unknown))}")
         fixed = []
@@ -79,17 +117,67 @@ class SearchSpace:
             if not isinstance(t, list) or not all(isinstance(x, str) for x in t):
                 raise PlanError(f"search space: tied[{i}] must be a list of layer names (e.g. [q_proj, k_proj, v_proj]), "
                                 f"got {t!r}")
-        for key in ("granularity", "solver"):
-            if key in d and not isinstance(d[key], str):
+        for key in ("granularity", "solver", "fraction", "profile"):
+            if d.get(key) is not None and not isinstance(d[key], str):
                 raise PlanError(f"search space: {key!r} must be a string, got {d[key]!r}")
-        return cls(tuple(str(parse_format(c).name) for c in choices),
-                   str(d.get("granularity", "block")), str(d.get("solver", "rtn")),
-                   tuple(map(str, _list_of(d, "include", "layer names or 're:' patterns"))), tuple(fixed),
-                   tuple(tuple(t) for t in tied))
+        fraction = d.get("fraction")
+        name = (lambda c: str(c).lower()) if fraction is not None else (lambda c: str(parse_format(c).name))
+        allowed = []
+        for i, r in enumerate(_list_of(d, "allowed", "mappings with 'match' and 'choices'")):
+            if not isinstance(r, dict) or "match" not in r or not isinstance(r.get("choices"), list):
+                raise PlanError(f"search space: allowed[{i}] must be a mapping with 'match' (a unit name or 're:' "
+                                f"pattern) and 'choices' (a list), got {r!r}")
+            allowed.append((str(r["match"]), tuple(name(c) for c in r["choices"])))
+        space = cls(tuple(name(c) for c in choices),
+                    str(d.get("granularity", "block")), str(d.get("solver", "rtn")),
+                    tuple(map(str, _list_of(d, "include", "layer names or 're:' patterns"))), tuple(fixed),
+                    tuple(tuple(t) for t in tied), tuple(allowed), fraction)
+        return space.with_profile(d["profile"]) if d.get("profile") is not None else space
 
     @classmethod
     def load(cls, path: str | Path) -> SearchSpace:
         return cls.from_dict(read_yaml(path, "search space") or {})
+
+    def with_profile(self, path: str | Path) -> SearchSpace:
+        """The space with the layers' max |w| read from a profile (``mixq profile``)."""
+        from mixq.profile import read_absmax
+
+        if self.fraction is None:
+            raise PlanError("a profile sets fraction widths: the search space needs fraction: profile")
+        return dataclasses.replace(self, profile=str(path), profile_absmax=tuple(sorted(read_absmax(path).items())))
+
+    # -- choices ----------------------------------------------------------------
+    def choices_of(self, unit: str) -> tuple[str, ...]:
+        """The choices a unit may take: its ``allowed`` rule's (the first that matches), else all."""
+        return next((c for m, c in self.allowed if matches(m, unit)), self.choices)
+
+    def format_of(self, layer: str, choice: str) -> str:
+        """The format a layer takes for a choice: the choice itself, or under fraction: profile a
+        fixed-point width's ``fxp{W}-f{F}`` with the layer's fraction width."""
+        width = _WIDTH.fullmatch(choice) if self.fraction is not None else None
+        if width is None:
+            return choice
+        from mixq.profile import fraction_format
+
+        if not self.profile_absmax:
+            raise PlanError("search space: fraction: profile needs a profile (profile: PATH in the space, or --profile)")
+        absmax = dict(self.profile_absmax)
+        if layer not in absmax:
+            raise PlanError(f"the profile {self.profile} has no layer {layer!r} (made for another model?)")
+        return fraction_format(layer, int(width.group(1)), absmax[layer])
+
+    def cost_format(self, choice: str) -> str:
+        """A format that costs what the choice costs: itself, or for a fixed-point width W
+        ``fxp{W}-f0`` (no stored scale: every fraction width costs W bits per weight)."""
+        width = _WIDTH.fullmatch(choice) if self.fraction is not None else None
+        return choice if width is None else f"fxp{width.group(1)}-f0"
+
+    def uniform(self, choice: str, units: list[Unit]) -> Plan:
+        """Every layer at one choice: ``Plan.uniform``, or for a fixed-point width the space's plan
+        with every unit at that width (a fraction width per layer)."""
+        if self.fraction is not None and _WIDTH.fullmatch(choice):
+            return self.plan(units, {u.name: choice for u in units})
+        return Plan.uniform(choice)
 
     # -- units ------------------------------------------------------------------
     def units(self, model: nn.Module) -> list[Unit]:
@@ -130,12 +218,15 @@ class SearchSpace:
         specs = plan.resolve(model)
         out = {}
         for u in units:
-            fmts = [specs[n].format.name for n in u.layers if n in specs]
+            fmts = [next((c for c in self.choices if self.format_of(n, c) == specs[n].format.name),
+                         specs[n].format.name) for n in u.layers if n in specs]
             if not fmts:
                 raise PlanError(f"initial plan leaves {u.name!r} unquantized; the search needs a choice for it")
-            pick = max(set(fmts), key=lambda f: (fmts.count(f), parse_format(f).bits_per_weight((4096, 4096))))
-            if pick not in self.choices:
-                raise PlanError(f"initial plan gives {u.name!r} {pick}, not a choice of the space ({', '.join(self.choices)})")
+            pick = max(set(fmts), key=lambda f: (fmts.count(f),
+                                                 parse_format(self.cost_format(f)).bits_per_weight((4096, 4096))))
+            if pick not in self.choices_of(u.name):
+                raise PlanError(f"initial plan gives {u.name!r} {pick}, not a choice of the space "
+                                f"({', '.join(self.choices_of(u.name))})")
             out[u.name] = pick
         return out
 
@@ -143,8 +234,7 @@ class SearchSpace:
         """The plan that gives every layer of each unit the unit's choice."""
         rules = list(self.fixed)
         for u in units:
-            spec = LayerSpec.of(assignment[u.name], self.solver)
-            rules += [(layer, spec) for layer in u.layers]
+            rules += [(layer, LayerSpec.of(self.format_of(layer, assignment[u.name]), self.solver)) for layer in u.layers]
         return Plan(tuple(rules))
 
 
