@@ -202,8 +202,8 @@ def export_compressed_tensors(model: nn.Module, result: QuantizeResult, plan: Pl
     notes = sorted({f"{note} ({sum(note in c.notes for c in checks if c.name in packed)} layers)"
                     for c in checks if c.name in packed for note in c.notes})
     if dtype == torch.bfloat16:
-        notes.append("scales are float32: vLLM casts them to the bfloat16 activations, which rounds mixq's float16 "
-                     "scales (export a float16 model to serve it exactly)")
+        notes.append("scales are float32: transformers and vLLM keep scales in the bfloat16 activation dtype and so "
+                     "round mixq's float16 scales (mixq.load reads them exactly; export a float16 model to serve it)")
     load = transformers_load(list(groups))
     record = {"mixq": _version(), "plan": plan.to_dict(), "fallback_16bit": fallback, "transformers": load,
               "schemes": {s.label: names for s, names in groups.items()}, "notes": notes}
