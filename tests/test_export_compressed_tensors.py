@@ -31,7 +31,7 @@ MIXED = Plan.from_dict({"default": "int4-g32", "rules": [  # int4-g32 asymmetric
     {"match": "re:.*down_proj", "format": "int8"},
 ]})
 SYMMETRIC = Plan.from_dict({"default": "int4-sym-g32", "rules": [
-    {"match": "re:.*o_proj", "format": "int8-sym"},
+    {"match": "re:.*o_proj", "format": "int8-sym-tensor"},
     {"match": "re:.*(gate|up)_proj", "format": "int3-sym-g32"},
     {"match": "re:.*down_proj", "format": "int6-sym-g32"},
 ]})

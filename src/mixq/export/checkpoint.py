@@ -65,7 +65,7 @@ def export_checkpoint(model: nn.Module, result: QuantizeResult, plan: Plan, out:
     quantized: dict[str, Tensor] = {}
     layers: dict[str, Any] = {}
     for name, layer in result.layers.items():
-        entry, tensors = _encode_layer(name, layer, module_by_name(model, name).weight.detach())
+        entry, tensors = encode_layer(name, layer, module_by_name(model, name).weight.detach())
         layers[name] = entry
         quantized.update(tensors)
     dense, aliases = state_tensors(model, skip={e["weight"] for e in layers.values()})
@@ -97,7 +97,8 @@ def export_checkpoint(model: nn.Module, result: QuantizeResult, plan: Plan, out:
                 save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp / fname), metadata={"format": "pt"})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     tensor_bytes, other_bytes = split_sizes(Path(out))
-    notes = tuple(f"{k} kept in {stored[k].dtype} (16 bits would change it; export a 16-bit model)" for k in wide)
+    notes = (f"{len(wide)} tensor(s) kept in 32 bits, which 16 bits would change (export a 16-bit model): "
+             + ", ".join(wide[:5]) + (", ..." if len(wide) > 5 else ""),) if wide else ()
     return ExportReport("mixq", Path(out), plan.size_bytes(model), tensor_bytes, other_bytes, len(layers), notes=notes)
 
 
@@ -125,7 +126,8 @@ def write_model_files(model: nn.Module, tokenizer: Any, folder: Path) -> None:
         tokenizer.save_pretrained(folder)
 
 
-def _encode_layer(name: str, layer: QuantizedLayer, weight: Tensor) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def encode_layer(name: str, layer: QuantizedLayer, weight: Tensor) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A quantized layer's manifest entry and stored tensors; ``weight`` is the model's (fake-quantized) weight."""
     q = layer.qtensor
     fmt = parse_format(q.fmt)
     bits = fmt.code_bits
