@@ -22,10 +22,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import shlex
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,15 @@ def legalize(plan: Plan, model: torch.nn.Module) -> Plan:
         for n in present:
             out[n] = widest
     return Plan.per_layer(out)
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def score(model: torch.nn.Module, win: torch.Tensor, batch: int) -> float:
@@ -114,8 +125,9 @@ def main() -> None:
             except ExportError:
                 reasons: dict[str, int] = {}
                 for c in ct.check_layers(model, plan.resolve(model)):
-                    if c.scheme is None:
-                        reasons[c.reason or ""] = reasons.get(c.reason or "", 0) + 1
+                    if c.scheme is None:  # by kind: a fused group's reason without its members' schemes
+                        kind = (c.reason or "").split(" (")[0]
+                        reasons[kind] = reasons.get(kind, 0) + 1
                 row[fmt] = {"refusals": reasons, "refused_layers": sum(reasons.values())}
                 print(f"  {fmt}: refused ({row[fmt]['refused_layers']} layers)", flush=True)
                 continue
@@ -141,7 +153,8 @@ def main() -> None:
             legal = legalize(plan, base.model)
             run(f"{label} (legalized)", legal, ("mixq", "compressed-tensors"))
     record = {"rows": rows, "limit": args.limit, "seqlen": args.seqlen, "export_dtype": "float16",
-              "cpu": platform.processor() or platform.machine(),
+              "compressed_tensors": metadata.version("compressed-tensors"),
+              "cpu": cpu_name(),
               "provenance": provenance(model=base.identity(), seed=0, device="cpu",
                                        command=shlex.join(["python", *sys.argv]))}
     Path(args.out).with_suffix(".json").write_text(json.dumps(record, indent=1))
@@ -152,8 +165,8 @@ def render(record: dict[str, Any]) -> str:
     prov = record["provenance"]
     lines = [f"# Export of SmolLM2-135M: size on disk and perplexity of the reloaded checkpoints (CPU, {prov['date'][:10]})",
              "", f"Command: `PYTHONPATH=src {prov['command']}`", "",
-             f"On {prov['device']} (`{record['cpu']}`), torch {prov['versions']['torch']}, transformers "
-             f"{prov['versions']['transformers']}. Model loaded and exported in float16, RTN; perplexity on the first "
+             f"On {record['cpu']} (shared with other jobs), torch {prov['versions']['torch']}, transformers "
+             f"{prov['versions']['transformers']}, compressed-tensors {record['compressed_tensors']}. Model loaded and exported in float16, RTN; perplexity on the first "
              f"{record['limit']} WikiText-2 test windows of {record['seqlen']} tokens, every model run in float32 "
              "(upcast from its float16 weights). Bytes: the .safetensors files; the plan counts codes, scales, zero "
              "points and every other tensor at 16 bits.", "",

@@ -148,7 +148,8 @@ def fused_groups(model: nn.Module) -> list[tuple[str, ...]]:
             if set(tied) <= leaves]
 
 
-def resolve(model: nn.Module, specs: Mapping[str, LayerSpec], *, fallback_16bit: bool) -> tuple[dict[str, CTScheme], list[str], list[LayerCheck]]:
+def resolve(model: nn.Module, specs: Mapping[str, LayerSpec], *,
+            fallback_16bit: bool) -> tuple[dict[str, CTScheme], list[str], list[LayerCheck]]:
     """(layers written packed -> scheme, layers written in 16 bits, the checks); refuses what it cannot write."""
     checks = check_layers(model, specs)
     refused = [c for c in checks if c.scheme is None]
@@ -270,6 +271,7 @@ def load_compressed_tensors(source: str | os.PathLike | ModelSource, *, dtype: s
     """A pack-quantized folder decompressed layer by layer with its own config group's scheme,
     through compressed-tensors' decompressor (whatever transformers' loader manages)."""
     from compressed_tensors.utils.match import match_named_modules
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -280,30 +282,27 @@ def load_compressed_tensors(source: str | os.PathLike | ModelSource, *, dtype: s
     folder = source.path
     config = AutoConfig.from_pretrained(folder)
     qdict = getattr(config, "quantization_config", None)
-    qdict = qdict.to_dict() if hasattr(qdict, "to_dict") else qdict
+    qdict = dict(qdict.to_dict() if hasattr(qdict, "to_dict") else qdict or {})
     try:
-        qconfig = QuantizationConfig.model_validate({k: v for k, v in dict(qdict or {}).items() if k != "quant_method"})
+        qconfig = QuantizationConfig.model_validate({k: v for k, v in qdict.items() if k != "quant_method"})
     except ValueError as e:
         raise ModelError(f"{folder}: unreadable compressed-tensors quantization_config ({str(e).splitlines()[0]})") from None
-    del config.quantization_config
+    del config.quantization_config  # the model is built plain; its weights arrive decompressed
     name = dtype or str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
     if name not in DTYPES:
         raise ModelError(f"unknown dtype {name!r} (one of {', '.join(DTYPES)})")
     torch_dtype = DTYPES[name]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelError(f"{folder}: no .safetensors file")
     tensors: dict[str, Tensor] = {}
-    for f in files:
+    for f in sorted(folder.glob("*.safetensors")):
         try:
             tensors.update(load_file(str(f)))
-        except Exception as e:  # safetensors raises its own error type for a damaged file
+        except (OSError, SafetensorError) as e:
             raise ModelError(f"{f}: unreadable safetensors file ({e})") from None
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     state: dict[str, Tensor] = {}
     for group in qconfig.config_groups.values():
-        w = group.weights
-        if w is None or w.type != "int" or group.input_activations is not None or (group.format or qconfig.format) != CT_FORMAT:
+        if not isinstance(group, QuantizationScheme) or group.weights is None or group.weights.type != "int" \
+                or group.input_activations is not None or (group.format or qconfig.format) != CT_FORMAT:
             raise ModelError(f"{folder}: only weight-only integer pack-quantized schemes are read here")
         for mname, _ in match_named_modules(model, group.targets, qconfig.ignore):
             local = {k[len(mname) + 1:]: tensors.pop(k) for k in list(tensors) if k.startswith(f"{mname}.weight_")}
@@ -311,10 +310,13 @@ def load_compressed_tensors(source: str | os.PathLike | ModelSource, *, dtype: s
                 raise ModelError(f"{folder}: layer {mname!r} has no weight_packed tensor")
             state[f"{mname}.weight"] = PackedQuantizationCompressor.decompress(local, group)["weight"].to(torch_dtype)
     state.update(tensors)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(state_tensors(model, skip=set())[1])
-    if unexpected or set(missing) - tied:
-        what = f"unexpected tensor {unexpected[0]!r}" if unexpected else f"tensor {sorted(set(missing) - tied)[0]!r} missing"
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ModelError(f"{folder}: the checkpoint does not fit the model ({str(e).splitlines()[0]})") from None
+    lost = sorted(set(missing) - set(state_tensors(model, skip=set())[1]))  # tied tensors come with their twin
+    if unexpected or lost:
+        what = f"unexpected tensor {unexpected[0]!r}" if unexpected else f"tensor {lost[0]!r} missing"
         raise ModelError(f"{folder}: the checkpoint does not fit the model ({what})")
     model.to(device).eval()
     return LoadedModel(model, load_tokenizer(folder), source)
