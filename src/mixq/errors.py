@@ -19,3 +19,7 @@ class ModelError(MixqError):
 
 class DataError(MixqError):
     """A dataset that cannot be found or is too short."""
+
+
+class ExportError(MixqError):
+    """A model or plan that cannot be written in the requested export format, or a write that failed."""

@@ -142,6 +142,10 @@ def load_model(spec: str | os.PathLike, *, dtype: str = "float32", device: str =
     source = resolve_model(spec)
     if source.name in NAMED_ENCODERS:
         raise ModelError(f"{source.name!r} is an encoder, not a causal LM: evaluate it with mixq embed-eval")
+    from mixq.export import exported_format, load_export  # mixq's checkpoints, compressed-tensors folders
+
+    if exported_format(source.path):
+        return load_export(source, dtype=dtype, device=device)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
