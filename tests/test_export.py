@@ -27,7 +27,7 @@ FAMILY_EXAMPLES = {
     "int": ["int4-g32", "int3-sym-g16", "int4-fmin-g32", "int8", "int2-tensor", "int5-g48"],
     "bfp": ["bfp4-g16"], "mxint": ["mxint8"], "fp": ["fp8-e4m3", "fp6-e3m2-g32", "fp4-e2m1-raw", "fp8-e5m2-dn"],
     "mxfp": ["mxfp4", "mxfp6-e2m3"], "bmf": ["bmf6-e3m2-g16"], "log": ["log4-g16", "log3"], "blog": ["blog4-g16"],
-    "nf": ["nf4-g32", "nf3", "nf2-g64"],
+    "nf": ["nf4-g32", "nf3", "nf2-g64"], "fxp": ["fxp8-f5", "fxp4-f2", "fxp12-f10"],
 }
 EVERY_FORMAT = [f for names in FAMILY_EXAMPLES.values() for f in names]
 
@@ -298,3 +298,25 @@ def test_export_command_refuses_gguf_without_its_module_and_fallback_elsewhere(m
         _export_command("--model", str(tiny_dir), "--plan", "int8", "--format", "mixq", "--out", str(tmp_path / "x"),
                         "--fallback-16bit")
 
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mixtral"])
+def test_checkpoint_of_conv1d_and_expert_layers(tmp_path, family):
+    """GPT-2 stores its Conv1D weights [in, out]; Mixtral stacks its experts in 3-D parameters
+    (one quantized matrix per expert): both come back exactly."""
+    from test_architectures import build
+
+    from mixq.quantize import quantize_
+
+    model = build(family)
+    plan = Plan.uniform("int4-g32")
+    result = quantize_(model, plan)
+    report = export_checkpoint(model, result, plan, tmp_path / "ck")
+    manifest = json.loads((tmp_path / "ck" / checkpoint.MANIFEST).read_text())
+    entries = manifest["layers"].values()
+    if family == "gpt2":
+        assert any(e["transposed"] for e in entries) and report.layers == 8
+    else:
+        assert {e["index"] for e in entries} >= {0, 1, 2, 3}
+    loaded = mixq.load(str(tmp_path / "ck"))
+    assert torch.equal(_logits(loaded.model), _logits(model))

@@ -191,7 +191,7 @@ def write_report(args: argparse.Namespace, label: str, result: Any) -> None:
 def provenance_record(args: argparse.Namespace, identity: dict[str, str] | None, device: str) -> dict[str, Any]:
     from mixq.provenance import provenance
 
-    return provenance(model=identity, seed=args.seed, device=device, command=args.command_line)
+    return provenance(model=identity, seed=args.seed, device=device, command=getattr(args, "command_line", None))
 
 
 def say(args: argparse.Namespace, msg: str) -> None:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
-from mixq.cli import _calibration, _calibration_record, _shared, _solver_options, _write_report, load_for, say, setup_run
+from mixq.commands.common import (add_shared, calibration, calibration_record, load_for, plan_label, provenance_record, say,
+                                  setup_run, solver_options, write_report)
 from mixq.errors import ExportError
 
 NAME = "export"
@@ -29,43 +28,42 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--fallback-16bit", action="store_true",
                    help="compressed-tensors: write the layers it cannot hold (non-integer formats, short last groups, "
                         "outliers, q/k/v or gate/up with different schemes) in 16 bits instead of refusing the plan")
-    _shared(p)
+    add_shared(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from mixq.export.atomic import check_target
     from mixq.plan import Plan
-    from mixq.provenance import provenance
     from mixq.quantize import quantize_
 
     if args.format == "gguf" and importlib.util.find_spec("mixq.export.gguf") is None:
         raise ExportError("GGUF export is not available in this build")
     if args.fallback_16bit and args.format != "compressed-tensors":
         raise ExportError("--fallback-16bit applies to --format compressed-tensors only")
-    device, dtype, batch = setup_run(args)
-    plan = Plan.parse(args.plan).with_solver(args.solver, _solver_options(args))
+    run_ = setup_run(args)
+    device, batch = run_.device, run_.batch_size
+    plan = Plan.parse(args.plan).with_solver(args.solver, solver_options(args))
     out = Path(args.out)
     if args.format == "gguf":
         if out.exists() and not args.overwrite:
             raise ExportError(f"{out} exists; pass --overwrite to replace it")
     else:
         check_target(out, overwrite=args.overwrite)
-    loaded = load_for(args, device, dtype)
+    loaded = load_for(args, run_)
     report = plan.size_report(loaded.model)  # validates the plan before any work
     if args.format == "compressed-tensors":
         from mixq.export.compressed_tensors import resolve
 
         resolve(loaded.model, plan.resolve(loaded.model), fallback_16bit=args.fallback_16bit)  # refuses before solving
-    calib = _calibration(args, loaded.tokenizer, [plan])
+    calib = calibration(args, loaded, [plan])
     result = quantize_(loaded.model, plan, calibration=calib, device=device, batch_size=batch,
                        progress=not args.json, log=lambda m: say(args, m))
-    _write_report(args, Path(args.plan).stem if Path(args.plan).suffix else args.plan, result)
+    write_report(args, plan_label(args.plan), result)
     written = _write(args, loaded, result, plan, out)
-    command = getattr(args, "command_line", None) or shlex.join(["mixq", *sys.argv[1:]])
     record = {"plan": plan.describe(), **report.to_dict(), **written, "quantize_seconds": result.seconds,
-              "calibration": _calibration_record(args, calib),
-              "provenance": provenance(model=loaded.identity(), seed=args.seed, device=device, command=command)}
+              "calibration": calibration_record(args, calib),
+              "provenance": provenance_record(args, loaded.identity(), device)}
     if args.json:
         print(json.dumps(record))
         return 0

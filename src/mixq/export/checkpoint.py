@@ -37,7 +37,7 @@ from mixq.export.atomic import atomic_dir
 from mixq.export.pack import pack_bits, unpack_bits
 from mixq.export.report import ExportReport, split_sizes
 from mixq.formats import QTensor, parse_format
-from mixq.models import DTYPES, LoadedModel, ModelSource, module_by_name
+from mixq.models import DTYPES, LoadedModel, ModelSource, Matrix, matrix_by_name
 from mixq.plan import Plan
 from mixq.quantize import QuantizedLayer, QuantizeResult
 
@@ -65,7 +65,9 @@ def export_checkpoint(model: nn.Module, result: QuantizeResult, plan: Plan, out:
     quantized: dict[str, Tensor] = {}
     layers: dict[str, Any] = {}
     for name, layer in result.layers.items():
-        entry, tensors = encode_layer(name, layer, module_by_name(model, name).weight.detach())
+        matrix = matrix_by_name(model, name)
+        entry, tensors = encode_layer(name, layer, matrix.get().detach())
+        entry.update(_placement(name, matrix))
         layers[name] = entry
         quantized.update(tensors)
     dense, aliases = state_tensors(model, skip={e["weight"] for e in layers.values()})
@@ -78,7 +80,7 @@ def export_checkpoint(model: nn.Module, result: QuantizeResult, plan: Plan, out:
     get = stored.__getitem__
     for name, entry in layers.items():  # the checkpoint must give back the model's weights bit for bit
         got = layer_weight(entry, get, dtype)
-        want = module_by_name(model, name).weight.detach().cpu()
+        want = matrix_by_name(model, name).get().detach().cpu()
         if not torch.equal(got, want):
             diff = float((got.float() - want.float()).abs().max())
             raise ExportError(f"layer {name!r}: its codes do not reproduce the model's weight (max diff {diff:.3g}); "
@@ -100,6 +102,13 @@ def export_checkpoint(model: nn.Module, result: QuantizeResult, plan: Plan, out:
     notes = (f"{len(wide)} tensor(s) kept in 32 bits, which 16 bits would change (export a 16-bit model): "
              + ", ".join(wide[:5]) + (", ..." if len(wide) > 5 else ""),) if wide else ()
     return ExportReport("mixq", Path(out), plan.size_bytes(model), tensor_bytes, other_bytes, len(layers), notes=notes)
+
+
+def _placement(name: str, matrix: Matrix) -> dict[str, Any]:
+    """Where a layer's [out, in] matrix goes in the state dict: the parameter's key, the expert
+    index within a stacked parameter, and whether the parameter stores it transposed (Conv1D)."""
+    key = name.rpartition(".")[0] if matrix.index is not None else f"{name}.{matrix.attr}"
+    return {"weight": key, "index": matrix.index, "transposed": matrix.transposed}
 
 
 def state_tensors(model: nn.Module, *, skip: set[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -135,7 +144,7 @@ def encode_layer(name: str, layer: QuantizedLayer, weight: Tensor) -> tuple[dict
     codes = q.codes.detach().cpu()
     signed = codes.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)
     entry: dict[str, Any] = {
-        "weight": f"{name}.weight", "format": fmt.name, "solver": layer.spec.solver, "options": layer.spec.opts,
+        "format": fmt.name, "solver": layer.spec.solver, "options": layer.spec.opts,
         "shape": list(codes.shape), "group_size": q.group_size,
         "codes": _packed(f"{name}.codes", codes, bits, 2 ** (bits - 1) if signed else 0, tensors),
         "params": {},
@@ -335,11 +344,19 @@ def load_checkpoint(source: str | os.PathLike | ModelSource, *, dtype: str | Non
     stored = read_tensors(source.path, manifest)
     get = stored.__getitem__
     state: dict[str, Tensor] = {key: _restore(e, get) for key, e in manifest["dense"].items()}
+    experts: dict[str, dict[int, Tensor]] = {}
     for entry in manifest["layers"].values():
         try:
-            state[entry["weight"]] = layer_weight(entry, get, torch_dtype)
+            w = layer_weight(entry, get, torch_dtype)
         except MixqError as e:
             raise ModelError(f"checkpoint {source.path}: layer {entry['weight']!r}: {e}") from None
+        w = w.T.contiguous() if entry.get("transposed") else w
+        if entry.get("index") is None:
+            state[entry["weight"]] = w
+        else:  # one expert of a stacked parameter
+            experts.setdefault(entry["weight"], {})[int(entry["index"])] = w
+    for key, parts in experts.items():
+        state[key] = torch.stack([parts[e] for e in range(len(parts))])
     for alias, key in manifest["aliases"].items():
         state[alias] = state[key]
     try:

@@ -38,7 +38,7 @@ from mixq.export.atomic import atomic_dir
 from mixq.export.checkpoint import state_tensors, write_model_files
 from mixq.export.report import ExportReport, split_sizes
 from mixq.formats import Format, IntFormat
-from mixq.models import DTYPES, LoadedModel, ModelSource, candidate_layers, module_by_name
+from mixq.models import DTYPES, LoadedModel, ModelSource, matrix_by_name, quantizable_matrices
 from mixq.plan import LayerSpec, Plan
 from mixq.quantize import QuantizeResult
 
@@ -110,15 +110,26 @@ def _vllm_notes(s: CTScheme) -> tuple[str, ...]:
     return tuple(notes)
 
 
+def _modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The default-quantized matrices that are a module's own weight (Linear, Conv1D), by name."""
+    return {n: m.module for n, m in quantizable_matrices(model).items() if m.attr == "weight"}
+
+
+def _linears(model: nn.Module) -> list[str]:
+    """The default-quantized Linear layers: what pack-quantized stores (Conv1D and experts have no Linear to load into)."""
+    return [n for n, m in _modules(model).items() if isinstance(m, nn.Linear)]
+
+
 def check_layers(model: nn.Module, specs: Mapping[str, LayerSpec]) -> list[LayerCheck]:
     """Per planned layer: its scheme, or why it is refused; fused q/k/v and gate/up must agree."""
-    linears = candidate_layers(model)[0]
+    linears = _linears(model)
     checks: dict[str, LayerCheck] = {}
     for name, spec in specs.items():
         opts = spec.opts
-        scheme, reason = scheme_of(spec.format, int(module_by_name(model, name).weight.shape[1]))
+        scheme, reason = scheme_of(spec.format, int(matrix_by_name(model, name).shape[1]))
         if name not in linears:
-            scheme, reason = None, "only Linear layers inside the transformer blocks are exported packed"
+            scheme, reason = None, ("only Linear layers inside the transformer blocks are exported packed "
+                                    f"(not {'an expert tensor' if name not in _modules(model) else 'a ' + type(_modules(model)[name]).__name__})")
         elif opts.get("outliers") or opts.get("keep_columns"):
             scheme, reason = None, "16-bit outliers beside the codes have no place in pack-quantized"
         notes = _vllm_notes(scheme) if scheme else ()
@@ -139,7 +150,7 @@ def fused_groups(model: nn.Module) -> list[tuple[str, ...]]:
     """The layers vLLM fuses into one (q/k/v, gate/up of each block), by full name."""
     from mixq.search.space import DEFAULT_TIED  # the same groups the search ties
 
-    names = list(candidate_layers(model)[0])
+    names = list(_linears(model))
     parents: dict[str, set[str]] = {}
     for n in names:
         parent, _, leaf = n.rpartition(".")
@@ -236,7 +247,7 @@ def compress_layer(name: str, result: QuantizeResult, scheme: CTScheme, model: n
     if not torch.equal(codes, q.codes.cpu().to(torch.int8)):
         raise ExportError(f"layer {name!r}: compressed-tensors packed other codes than the solver's")
     out["weight_scale"] = out["weight_scale"].to(scale_dtype)
-    weight = module_by_name(model, name).weight.detach().cpu()
+    weight = matrix_by_name(model, name).get().detach().cpu()
     back = PackedQuantizationCompressor.decompress(out, ct_scheme)["weight"].to(weight.dtype)
     if not torch.equal(back, weight):
         diff = float((back.float() - weight.float()).abs().max())

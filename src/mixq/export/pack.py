@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-MAX_BITS = 8
+MAX_BITS = 16  # the widest code of any format (fixed point goes to 16 bits)
 
 
 def packed_bytes(count: int, bits: int) -> int:
@@ -33,18 +33,22 @@ def pack_bits(values: Tensor, bits: int) -> Tensor:
         raise ValueError(f"pack_bits takes integer codes, got {v.dtype}")
     if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 2**bits):
         raise ValueError(f"codes outside [0, {2**bits - 1}]: min {int(v.min())}, max {int(v.max())}")
-    planes = np.unpackbits(v.to(torch.uint8).numpy()[:, None], axis=1, count=bits, bitorder="little")
+    as_bytes = v.to(torch.int32).numpy().astype("<u2").view(np.uint8).reshape(-1, 2)  # each code's two bytes, LSB first
+    planes = np.unpackbits(as_bytes, axis=1, count=bits, bitorder="little")
     return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
 
 
 def unpack_bits(data: Tensor, bits: int, count: int) -> Tensor:
-    """The ``count`` integers that ``pack_bits`` stored in ``data``, as uint8."""
+    """The ``count`` integers that ``pack_bits`` stored in ``data`` (uint8 up to 8 bits, else int32)."""
     _check_bits(bits)
     if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() != packed_bytes(count, bits):
         raise ValueError(f"expected {packed_bytes(count, bits)} packed bytes for {count} codes of {bits} bits, "
                          f"got {tuple(data.shape)} {data.dtype}")
     planes = np.unpackbits(data.cpu().numpy(), count=count * bits, bitorder="little").reshape(count, bits)
-    return torch.from_numpy(np.packbits(planes, axis=1, bitorder="little").reshape(count))
+    low = np.packbits(planes, axis=1, bitorder="little")  # [count, ceil(bits / 8)] bytes, LSB first
+    if bits <= 8:
+        return torch.from_numpy(low.reshape(count))
+    return torch.from_numpy(low.view("<u2").reshape(count).astype(np.int32))
 
 
 def _check_bits(bits: int) -> None:
