@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from mixq.search.backends.base import BackendContext, register_backend
+from mixq.search.backends.base import BackendContext, Proposer, register_backend
 
 NSGA_POPULATION = 20  # five generations in a study of 100 trials (Optuna's default of 50 makes two)
 
@@ -24,7 +24,7 @@ def _optuna_samplers() -> dict[str, Callable[[int], object]]:
     }
 
 
-class OptunaProposer:
+class OptunaProposer(Proposer):
     def __init__(self, sampler: str, seed: int, units: list[str], choices: list[str], storage: str, resume: bool,
                  objectives: int = 1) -> None:
         import optuna
