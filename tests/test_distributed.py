@@ -199,3 +199,31 @@ def test_workers_without_ray_says_how_to_install(monkeypatch, tmp_path):
         search.run(args)
     with pytest.raises(MixqError, match="--workers must be positive"):
         Cluster(workers=0)
+
+
+def test_ax_proposes_several_trials_while_others_are_pending():
+    """After the Sobol trials, one ``get_next_trials(max_trials=3)`` gives three GP proposals within
+    budget: the second and third are made while the first is pending (analytic LogEI takes no
+    pending trials: without ``parallel`` they fail and fall back to random plans)."""
+    from mixq.search.backends.ax import SOBOL_TRIALS, AxProposer
+    from mixq.search.backends.base import Budget, Fallback
+
+    units, choices = [f"b{i}" for i in range(4)], ["int2", "int3", "int4", "int8"]
+    bits = {u: {c: 100 * int(c[3:]) for c in choices} for u in units}
+    budget = Budget(bits, {u: 100 for u in units}, 4.0 * 400)
+    ax = AxProposer(0, units, choices, [], budget, parallel=True)
+    for k in range(SOBOL_TRIALS):  # known trials: the loss falls with the bits
+        a = {u: choices[(k + i) % 3] for i, u in enumerate(units)}
+        ax.add(a, (10.0 - sum(int(c[3:]) for c in a.values()) / 4,))
+    batch = ax.ask_many(3)
+    assert len(batch) == 3 and not any(isinstance(h, Fallback) for _, h in batch)
+    assert all(budget.fits(a) for a, _ in batch)
+    assert len({json.dumps(a, sort_keys=True) for a, _ in batch}) == 3  # three different plans
+
+
+def test_optuna_ask_many_asks_n_times(tmp_path):
+    from mixq.search.backends.optuna import OptunaProposer
+
+    p = OptunaProposer("random", 0, ["a", "b"], ["int4", "int8"], f"sqlite:///{tmp_path / 's.db'}", False)
+    got = p.ask_many(3)
+    assert [h.number for _, h in got] == [0, 1, 2]
