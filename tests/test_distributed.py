@@ -1,5 +1,6 @@
-"""Trials and per-layer work on Ray actors: the same study as one process, a killed worker's
-trial sent again (none lost, none twice), a stopped study resumed, measured KL split by layer."""
+"""Trials and per-layer work on Ray actors: the same study (CLI, --workers 1 and 2) as one process,
+a killed worker's trial run again (none lost, none twice), a stopped study resumed, measured KL
+split by layer (CLI) as in one process; Ax and Optuna proposing several trials at once."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mixq.cli import main
 from mixq.cluster import Cluster, ModelSpec
 from mixq.errors import MixqError
-from mixq.models import load_model, quantizable_layers
-from mixq.search import SearchConfig, SearchSpace, Start, run_search
+from mixq.models import load_model
+from mixq.search import SearchConfig, SearchSpace, Start
 from mixq.search.cache import WeightCache
 from mixq.search.objective import best_trial
 
@@ -68,28 +70,31 @@ def _ids(trials):
     return sorted(t["trial_id"] for t in trials)
 
 
+def _search_argv(tiny_dir, data_dir, run_dir, *extra):
+    space = run_dir.parent / "space.yaml"
+    space.write_text(json.dumps({"granularity": "layer", "choices": list(CHOICES)}))
+    return ["search", "--model", str(tiny_dir), "--data-dir", str(data_dir), "--max-bits", "4.0", "--backend", "random",
+            "--space", str(space), "--trials", "10", "--run-dir", str(run_dir), "--seqlen", "32", "--limit", "2",
+            "--final-limit", "2", "--device", "cpu", "--json", *extra]
+
+
 @needs_ray
-def test_two_workers_run_the_study_of_one(local_ray, tiny_dir, tiny, score, tmp_path):
-    one = _study(tiny_dir, tiny, score, tmp_path / "one", workers=1, trials=10)
-    two = _study(tiny_dir, tiny, score, tmp_path / "two", workers=2, trials=10)
-    for run, trials in (("one", one), ("two", two)):
-        lines = [json.loads(x) for x in (tmp_path / run / "trials.jsonl").read_text().splitlines()]
-        assert [t["number"] for t in lines] == list(range(10)) and _ids(lines) == list(range(10))
-    assert len({t["worker"]["pid"] for t in two}) == 2  # both workers scored trials
-    assert len({t["worker"]["pid"] for t in one}) == 1
+def test_two_workers_run_the_study_of_one(local_ray, tiny_dir, data_dir, tmp_path):
+    runs = {}
+    for name, extra in (("single", ()), ("one", ("--workers", "1")), ("two", ("--workers", "2"))):
+        assert main(_search_argv(tiny_dir, data_dir, tmp_path / name, *extra)) == 0
+        runs[name] = [json.loads(x) for x in (tmp_path / name / "trials.jsonl").read_text().splitlines()]
+    for name in ("one", "two"):
+        assert [t["number"] for t in runs[name]] == list(range(10)) and _ids(runs[name]) == list(range(10))
+    assert len({t["worker"]["pid"] for t in runs["two"]}) == 2  # both workers scored trials
+    assert len({t["worker"]["pid"] for t in runs["one"]}) == 1
     # a deterministic backend: the same proposals in the order sent, the same scores, the same best plan
-    by_id = lambda ts: sorted(ts, key=lambda t: t["trial_id"])  # noqa: E731
-    assert [t["assignment"] for t in by_id(one)] == [t["assignment"] for t in by_id(two)]
-    assert [t["ppl"] for t in by_id(one)] == pytest.approx([t["ppl"] for t in by_id(two)], rel=1e-6)
-    assert best_trial(one)["assignment"] == best_trial(two)["assignment"]
-    # and the one-worker study is the single-process one
-    space = SearchSpace(choices=CHOICES, granularity="layer")
-    units = space.units(tiny)
-    single = run_search(tiny, space, score, SearchConfig(backend="random", trials=10, max_bits=4.0, seed=3),
-                        tmp_path / "single", meta=META, progress=False,
-                        initial=[Start(f"uniform {c}", {u.name: c for u in units}) for c in space.choices])
-    assert [t["assignment"] for t in single] == [t["assignment"] for t in one]
-    assert [t["ppl"] for t in single] == pytest.approx([t["ppl"] for t in one], rel=1e-5)
+    sent = {k: sorted(v, key=lambda t: t.get("trial_id", t["number"])) for k, v in runs.items()}
+    for name in ("one", "two"):
+        assert [t["assignment"] for t in sent[name]] == [t["assignment"] for t in sent["single"]]
+        assert [t["ppl"] for t in sent[name]] == pytest.approx([t["ppl"] for t in sent["single"]], rel=1e-5)
+        assert (tmp_path / name / "best_plan.yaml").read_text() == (tmp_path / "single" / "best_plan.yaml").read_text()
+    assert best_trial(runs["two"])["assignment"] == best_trial(runs["one"])["assignment"]
 
 
 HOLD_SECONDS = 0.3  # each trial of the kill test lasts this long, so one is always in flight
@@ -164,18 +169,18 @@ def test_killed_worker_loses_no_trial_and_a_stopped_study_resumes(local_ray, tin
 
 
 @needs_ray
-def test_measured_kl_split_by_layer(local_ray, tiny_dir, tiny, score):
-    from mixq.sensitivity import analysis, distributed
-
-    layers = list(quantizable_layers(tiny))
-    formats = ["int4-g32", "int2-g32"]
-    got = distributed.measured(ModelSpec(str(tiny_dir), "float32", "cpu"), score, layers, formats, batch_size=2,
-                               cluster=Cluster(workers=2))
-    want = analysis.measured(tiny, score, layers, formats, batch_size=2)
-    assert list(got) == layers
-    for n in layers:
-        assert got[n] == pytest.approx(want[n], rel=1e-5)
-    assert want[layers[0]]["int2-g32"] > want[layers[0]]["int4-g32"] > 0
+def test_measured_kl_split_by_layer(local_ray, tiny_dir, text_file, tmp_path):
+    sens = {}
+    for name, extra in (("single", ()), ("two", ("--workers", "2"))):
+        out = tmp_path / f"{name}.json"
+        assert main(["sensitivity", "--model", str(tiny_dir), "--method", "measured", "--formats", "int4-g32,int2-g32",
+                     "--calib-dataset", str(text_file), "--nsamples", "4", "--seqlen", "32", "--out", str(out),
+                     "--device", "cpu", "--json", *extra]) == 0
+        sens[name] = json.loads(out.read_text())["layers"]
+    assert list(sens["two"]) == list(sens["single"]) and len(sens["two"]) == 14  # 2 blocks x 7 Linear layers
+    for n, d in sens["single"].items():
+        assert sens["two"][n]["measured"] == pytest.approx(d["measured"], rel=1e-5)
+        assert d["measured"]["int2-g32"] > d["measured"]["int4-g32"] > 0
 
 
 def test_layer_groups_cover_the_layers_in_order():

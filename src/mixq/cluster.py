@@ -109,11 +109,10 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Finished:
-    """A call's result: the key it was submitted under, its value and the worker slot that ran it."""
+    """A call's result, with the key it was submitted under."""
 
     key: Any
     value: Any
-    worker: int
 
 
 @dataclass
@@ -204,7 +203,7 @@ class WorkerPool:
                         raise e.cause from None
                     raise
                 self.idle.append(call.worker)
-                out.append(Finished(call.key, value, call.worker))
+                out.append(Finished(call.key, value))
             if out:
                 return out
 
