@@ -10,8 +10,8 @@ numbered in the order they arrive; each also carries ``trial_id`` (the order it 
 unique across resumed runs) and ``worker`` (the process and host that scored it).  A trial
 whose worker died is run again, on the restarted worker or another (``cluster.WorkerPool``);
 a trial id is recorded at most once, and no more trials are sent than the study still needs,
-so none is lost or recorded twice.  ``--resume`` reloads the run directory as without Ray; the trials in
-flight when the driver stopped are lost, as the one in flight is in a single-process run.
+so none is lost or recorded twice.  ``--resume`` reloads the run directory as without Ray; the
+trials in flight when the driver stopped are lost, as the one in flight is in a single-process run.
 """
 
 from __future__ import annotations
