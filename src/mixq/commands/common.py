@@ -61,6 +61,16 @@ def add_solver_options(p: argparse.ArgumentParser, *, calibration: bool = True) 
                        help="write the per-layer reconstruction report (JSON) and print it")
 
 
+def add_cluster_options(p: argparse.ArgumentParser) -> None:
+    """--workers, --ray-address: the work split over Ray actors (``mixq.cluster``)."""
+    g = p.add_argument_group("Ray (pip install 'mixq[ray]')")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="Ray actors, each loading the model once: one per GPU on cuda, CPU actors otherwise "
+                        "(--workers 1: one actor, to measure Ray's overhead)")
+    g.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="join a running Ray cluster: auto (this node's) or ray://host:port (default: a local instance)")
+
+
 def add_shared(p: argparse.ArgumentParser) -> None:
     """The options of the commands that load a causal LM, quantize it and evaluate it."""
     add_model_options(p)
@@ -95,6 +105,16 @@ def setup_run(args: argparse.Namespace, *, cpu_batch: int = CPU_BATCH, cuda_batc
         raise MixqError(f"--limit must be positive, got {args.limit}")
     torch.manual_seed(args.seed)
     return Run(device, dtype, batch, args.seed)
+
+
+def cluster_of(args: argparse.Namespace, device: str):  # type: ignore[no-untyped-def]
+    """The ``mixq.cluster.Cluster`` of --workers / --ray-address (Ray must be installed), or None."""
+    if args.workers is None and args.ray_address is None:
+        return None
+    from mixq.cluster import Cluster, require_ray
+
+    require_ray()
+    return Cluster.for_device(device, workers=args.workers, address=args.ray_address)
 
 
 def parse_size(text: str) -> int:
@@ -208,4 +228,4 @@ def load_for(args: argparse.Namespace, run: Run):  # type: ignore[no-untyped-def
 
 __all__ = ["Run", "add_device_options", "add_model_options", "add_shared", "add_solver_options", "calibration",
            "calibration_record", "load_for", "parse_plans", "parse_size", "plan_label", "provenance_record", "say",
-           "setup_run", "solver_options", "write_report"]
+           "setup_run", "solver_options", "write_report", "add_cluster_options", "cluster_of"]

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mixq.commands.common import (add_shared, calibration, load_for, parse_size, provenance_record, say, setup_run,
-                                  solver_options)
+from mixq.commands.common import (add_cluster_options, add_shared, calibration, cluster_of, load_for, parse_size,
+                                  provenance_record, say, setup_run, solver_options)
 from mixq.errors import MixqError
 from mixq.provenance import versions
 
@@ -53,6 +53,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     help="write the space and the best plans as the first seed's parameter-space and initial-samples files")
     se.add_argument("--sens", default=None, help="sensitivity file (mixq sensitivity): guided starts from it")
     se.add_argument("--starts", type=int, default=4, help="with --sens: how many guided starts (default 4)")
+    add_cluster_options(se)
     add_shared(se)
     return se
 
@@ -95,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from mixq.search.backends import check_backend
 
     check_backend(args.backend, 2 if args.objective == "pareto" else 1)  # before loading anything
+    cluster = cluster_of(args, device)  # Ray checked for before anything loads
     tasks = parse_tasks(args.tasks)
     config = SearchConfig(backend=args.backend, trials=args.trials, max_bits=args.max_bits,
                           max_size=None if args.max_size is None else parse_size(args.max_size), seed=args.seed,
@@ -125,10 +127,11 @@ def run(args: argparse.Namespace) -> int:
     score, rescore, test = text_windows("validation", limit), text_windows("validation", RESCORE_FACTOR * limit), \
         text_windows("test", args.final_limit)
     bos = bos_rule(model, loaded.tokenizer)
+    task_batch = args.batch_size or (64 if device.startswith("cuda") else 8)
 
     def scorer(task_limit: int | None, stderr: bool = False):  # type: ignore[no-untyped-def]
         return zero_shot_scorer(loaded.tokenizer, tasks, data_dir=args.data_dir, limit=task_limit,
-                                batch_size=args.batch_size or (64 if device.startswith("cuda") else 8), device=device,
+                                batch_size=task_batch, device=device,
                                 add_bos=bos is not None, stderr=stderr)
 
     identity = loaded.identity()
@@ -143,8 +146,17 @@ def run(args: argparse.Namespace) -> int:
         guided = guided_starts(sens, space, units, SizeModel(space, units, model), config, count=args.starts, seed=args.seed)
         initial += guided
     run_dir = Path(args.run_dir)
-    trials = run_search(model, space, score, config, run_dir, meta=meta, resume=args.resume, initial=initial,
-                        progress=not args.json, zero_shot=scorer(config.task_limit) if tasks else None)
+    if cluster is not None:
+        from mixq.cluster import ModelSpec
+        from mixq.search.distributed import ZeroShotSpec, run_distributed_search
+
+        trials = run_distributed_search(
+            model, space, score, config, run_dir, spec=ModelSpec(args.model, dtype, cluster.device), cluster=cluster,
+            meta=meta, resume=args.resume, initial=initial, progress=not args.json,
+            zero_shot=ZeroShotSpec(args.data_dir, task_batch) if tasks else None)
+    else:
+        trials = run_search(model, space, score, config, run_dir, meta=meta, resume=args.resume, initial=initial,
+                            progress=not args.json, zero_shot=scorer(config.task_limit) if tasks else None)
     # multi-fidelity: re-score the best few on more windows (accuracy: on more task examples), then the final table
     cache = WeightCache.for_space(model, space, units)
     top = sorted({json.dumps(t["assignment"], sort_keys=True): t for t in trials}.values(), key=rank)[:config.rescore_top]

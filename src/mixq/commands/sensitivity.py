@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mixq.commands.common import add_shared, provenance_record, say, setup_run
+from mixq.commands.common import add_cluster_options, add_shared, cluster_of, provenance_record, say, setup_run
 from mixq.errors import MixqError
 
 NAME = "sensitivity"
@@ -27,6 +27,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     sn.add_argument("--probe-windows", type=int, default=None, metavar="N",
                     help="Hutchinson: each probe uses the next N calibration windows, cycling (default: all); "
                          "many cheap probes beat a few exact ones")
+    add_cluster_options(sn)  # hessian (one layer per call, as --per-layer) and measured split by layer; fit does not
     add_shared(sn)
     return sn
 
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     formats = [parse_format(f).name for f in args.formats.split(",") if f.strip()]
     run_ = setup_run(args)
     device, dtype, batch = run_.device, run_.dtype, run_.batch_size
+    cluster = cluster_of(args, device)
     if "hessian" in methods and dtype == "float16":
         dtype = "float32"  # second derivatives in fp16 overflow; the trace is taken in fp32
     if device.startswith("cuda") and dtype == "float32":
@@ -67,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
     meta = {"model": args.model, "sha256": loaded.identity()["sha256"], "nsamples": args.nsamples, "seqlen": args.seqlen,
             "seed": args.seed, "formats": formats, "calibration": {"dataset": args.calib_dataset, "split": args.calib_split,
                                                                   "windows_sha256": tensor_sha256(win)},
-            "dtype": dtype, "hessian": {"max_iter": args.max_iter, "tol": args.tol, "per_layer": args.per_layer,
-                                        "probe_windows": args.probe_windows, "max_time": args.max_time}}
+            "dtype": dtype, "hessian": {"max_iter": args.max_iter, "tol": args.tol, "per_layer": args.per_layer or bool(cluster),
+                                        "probe_windows": args.probe_windows, "max_time": args.max_time,
+                                        **({"seeds": "seed + layer index"} if cluster else {})}}
     sens: dict[str, Any] = {}
     if out.is_file():  # resume: keep what a previous run with the same settings finished
         old = json.loads(out.read_text())
@@ -85,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
         if m in sens["methods_done"]:
             continue
         start = time.perf_counter()
-        if m == "hessian":
+        if cluster is not None and m in ("hessian", "measured"):
+            res = _distributed(args, m, cluster, dtype, attention, win, layers, formats, batch)
+        elif m == "hessian":
             t0 = time.perf_counter()
 
             def tick(it: int) -> None:
@@ -109,6 +114,24 @@ def run(args: argparse.Namespace) -> int:
         say(args, f"{m}: {timings[m]:.1f} s")
     _sensitivity_outputs(args, sens, out, formats)
     return 0
+
+
+def _distributed(args: argparse.Namespace, method: str, cluster: Any, dtype: str, attention: str | None, win: Any,
+                 layers: list[str], formats: list[str], batch: int) -> dict[str, dict[str, Any]]:
+    """``method`` split by layer over the Ray workers; --max-time stays the wall-clock budget."""
+    from mixq.cluster import ModelSpec
+    from mixq.sensitivity import distributed
+
+    spec = ModelSpec(args.model, dtype, cluster.device, attention)
+
+    def tick(done: int, total: int) -> None:
+        say(args, f"{method}: {done}/{total} done on {cluster.workers} workers")
+
+    if method == "measured":
+        return distributed.measured(spec, win, layers, formats, batch_size=batch, cluster=cluster, progress=tick)
+    per_layer = None if args.max_time is None else args.max_time * cluster.workers / len(layers)
+    return distributed.hessian(spec, win, layers, max_iter=args.max_iter, tol=args.tol, batch_size=batch, seed=args.seed,
+                               cluster=cluster, max_seconds=per_layer, probe_windows=args.probe_windows, progress=tick)
 
 
 def _primary(d: dict[str, Any], m: str, f: str) -> float:

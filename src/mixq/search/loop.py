@@ -17,6 +17,7 @@ import json
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,133 @@ from tqdm.auto import tqdm
 
 from mixq.errors import MixqError
 from mixq.evaluate import perplexity
-from mixq.search.backends import BackendContext, Fallback, check_backend, make_proposer
+from mixq.search.backends import BackendContext, Fallback, Proposer, check_backend, make_proposer
 from mixq.search.cache import WeightCache
 from mixq.search.config import SearchConfig, Start
 from mixq.search.objective import mean_accuracy, rank, task_summary
 from mixq.search.size import SizeModel, check_budget, mutate, project, repair
-from mixq.search.space import SearchSpace
+from mixq.search.space import SearchSpace, Unit
 from mixq.search.store import Store
 
 ZeroShot = Callable[[nn.Module], dict[str, dict[str, Any]]]  # model -> evaluate_tasks table
+
+
+@dataclass
+class Study:
+    """An opened study: the searched units, their exact sizes, the run directory, the finished
+    trials (oldest first), the proposer, the starts still to evaluate and the count of
+    proposals rejected so far.  ``fits(assignment)``: the assignment meets the budget."""
+
+    units: list[Unit]
+    size: SizeModel
+    store: Store
+    done: list[dict[str, Any]]
+    proposer: Proposer
+    queue: list[Start]
+    rejected: int
+    fits: Callable[[dict[str, str]], bool]
+
+
+def open_study(model: nn.Module, space: SearchSpace, config: SearchConfig, run_dir: Path, *, meta: dict[str, Any],
+               resume: bool, initial: list[Start] | None, parallel: int = 1) -> Study:
+    """Check the budget and the backend, open (or reload) the run directory and the proposer,
+    and queue the starts not yet evaluated (``parallel``: trials in flight at once)."""
+    meta = {**meta, **config.describe()}
+    units = space.units(model)
+    size = SizeModel(space, units, model)
+    check_budget(space, units, size, config)
+    check_backend(config.backend, config.objectives)
+    store = Store(run_dir)
+    store.write_meta(meta, space, resume)
+    done = store.trials()
+    fits = lambda a: config.budget_ok(*size(a))  # noqa: E731
+    rng = random.Random(config.seed + len(done))
+    context = BackendContext(seed=config.seed, units=[u.name for u in units], choices=list(space.choices),
+                             storage=store.storage_url(), resume=resume, history=done,
+                             step=lambda parent: mutate(space, units, parent, fits, rng), objectives=config.objectives,
+                             budget=size.budget(config), log_loss=config.objective != "acc" and config.min_acc is None,
+                             parallel=parallel)
+    proposer = make_proposer(config.backend, context)
+    seen = {json.dumps(t["assignment"], sort_keys=True) for t in done}
+    rejected = done[-1]["rejected_so_far"] if done else 0
+    queued: dict[str, Start] = {}  # one trial per assignment; starts that coincide share it (labels joined)
+    for start in initial or []:
+        a, label = project(space, units, start.assignment), start.label
+        if a != start.assignment:
+            label = f"{label} (projected onto the units' allowed choices)"
+        if not fits(a):
+            a, label = repair(space, units, a, fits), f"{label} (repaired to fit)"
+        key = json.dumps(a, sort_keys=True)
+        if key in queued:
+            queued[key] = Start(f"{queued[key].label} = {label}", a)
+        elif key not in seen:
+            queued[key] = Start(label, a)
+    return Study(units, size, store, done, proposer, list(queued.values()), rejected, fits)
+
+
+def vet_proposal(study: Study, space: SearchSpace, config: SearchConfig, assignment: dict[str, str],
+                 handle: Any) -> tuple[dict[str, str], Any, str]:
+    """(assignment, handle, source) of a proposal to evaluate: a fallback recorded as
+    ``random``; one over budget rejected (counted in ``study.rejected``) and repaired."""
+    source = config.backend
+    if isinstance(handle, Fallback):  # the backend could not propose: a random plan instead
+        source, handle = "random", None
+    assignment = project(space, study.units, assignment)  # units restricted by the space's ``allowed``
+    if not study.fits(assignment):
+        if handle is not None:
+            study.proposer.reject(handle)
+        study.rejected += 1
+        assignment, source, handle = repair(space, study.units, assignment, study.fits), "repaired", None
+    return assignment, handle, source
+
+
+def score_assignment(model: nn.Module, cache: WeightCache, units: list[Unit], assignment: dict[str, str],
+                     score_windows: Tensor, config: SearchConfig, zero_shot: ZeroShot | None) -> dict[str, Any]:
+    """Swap the assignment's weights in and score it: ``ppl`` (with ``config.tasks``: ``acc``,
+    ``tasks``, ``task_seconds``), ``loss``, ``feasible`` (meets ``min_acc``), ``eval_seconds``."""
+    t1 = time.perf_counter()
+    cache.apply(units, assignment)
+    ppl = perplexity(model, score_windows, batch_size=config.batch_size).ppl
+    scores: dict[str, Any] = {"ppl": ppl}
+    acc = None
+    if config.tasks:
+        t2 = time.perf_counter()
+        table = zero_shot(model)  # type: ignore[misc]
+        acc = mean_accuracy(table, config.task_metric)
+        scores.update({"acc": acc, "tasks": task_summary(table), "task_seconds": time.perf_counter() - t2})
+    loss, ok = config.loss(ppl, acc)
+    return {**scores, "loss": loss, "feasible": ok, "eval_seconds": time.perf_counter() - t1}
+
+
+def record_trial(study: Study, space: SearchSpace, config: SearchConfig, assignment: dict[str, str],
+                 scores: dict[str, Any], handle: Any, *, source: str, propose_s: float, label: str | None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build the next trial record from ``score_assignment``'s scores, append it to the store,
+    tell the proposer and add it to ``study.done``; returns the record.  ``extra`` keys
+    (e.g. where a trial ran) go at the end of the record."""
+    bits, nbytes = study.size(assignment)
+    record = {"number": len(study.done), "assignment": assignment, "plan": space.plan(study.units, assignment).to_dict(),
+              **{k: v for k, v in scores.items() if k not in ("feasible", "eval_seconds")}}
+    if config.min_acc is not None:
+        record["feasible"] = scores["feasible"]
+    record.update({"bits_per_weight": bits, "size_bytes": nbytes, "source": source,
+                   "propose_seconds": propose_s, "eval_seconds": scores["eval_seconds"], "rejected_so_far": study.rejected})
+    if label is not None:
+        record["start"] = label
+    record.update(extra or {})
+    study.store.append(record)  # the plain store first: it is what a resumed study counts
+    values = (record["loss"], float(nbytes))[: config.objectives]
+    if handle is not None:
+        study.proposer.tell(handle, values)
+    else:
+        study.proposer.add(assignment, values)
+    study.done.append(record)
+    return record
+
+
+def best_postfix(best: dict[str, Any], config: SearchConfig) -> dict[str, str]:
+    """The progress bar's note on the best trial so far."""
+    return {"best_acc": f"{best['acc']:.4f}"} if config.objective == "acc" else {"best_ppl": f"{best['ppl']:.3f}"}
 
 
 def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, config: SearchConfig, run_dir: Path, *,
@@ -49,37 +168,9 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
     ``feasible``.  ``loss`` is the value told to the backend."""
     if config.tasks and zero_shot is None:
         raise MixqError("the search scores zero-shot tasks but was given no zero-shot scorer")
-    meta = {**meta, **config.describe()}
-    units = space.units(model)
-    size = SizeModel(space, units, model)
-    check_budget(space, units, size, config)
-    check_backend(config.backend, config.objectives)
-    store = Store(run_dir)
-    store.write_meta(meta, space, resume)
-    done = store.trials()
-    fits = lambda a: config.budget_ok(*size(a))  # noqa: E731
-    rng = random.Random(config.seed + len(done))
-    context = BackendContext(seed=config.seed, units=[u.name for u in units], choices=list(space.choices),
-                             storage=store.storage_url(), resume=resume, history=done,
-                             step=lambda parent: mutate(space, units, parent, fits, rng), objectives=config.objectives,
-                             budget=size.budget(config), log_loss=config.objective != "acc" and config.min_acc is None)
-    proposer = make_proposer(config.backend, context)
+    study = open_study(model, space, config, run_dir, meta=meta, resume=resume, initial=initial)
+    units, done, proposer, queue = study.units, study.done, study.proposer, study.queue
     cache = WeightCache.for_space(model, space, units)
-    seen = {json.dumps(t["assignment"], sort_keys=True) for t in done}
-    rejected = done[-1]["rejected_so_far"] if done else 0
-    queued: dict[str, Start] = {}  # one trial per assignment; starts that coincide share it (labels joined)
-    for start in initial or []:
-        a, label = project(space, units, start.assignment), start.label
-        if a != start.assignment:
-            label = f"{label} (projected onto the units' allowed choices)"
-        if not fits(a):
-            a, label = repair(space, units, a, fits), f"{label} (repaired to fit)"
-        key = json.dumps(a, sort_keys=True)
-        if key in queued:
-            queued[key] = Start(f"{queued[key].label} = {label}", a)
-        elif key not in seen:
-            queued[key] = Start(label, a)
-    queue = list(queued.values())
     best = min(done, key=rank, default=None)
     bar = tqdm(total=config.trials, initial=len(done), desc="search", disable=not progress)
     try:
@@ -90,48 +181,13 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
                 start = queue.pop(0)
                 assignment, source, label = start.assignment, "initial", start.label
             else:
-                assignment, handle = proposer.ask()
-                source = config.backend
-                if isinstance(handle, Fallback):  # the backend could not propose: a random plan instead
-                    source, handle = "random", None
-                assignment = project(space, units, assignment)  # units restricted by the space's ``allowed``
-                if not fits(assignment):
-                    if handle is not None:
-                        proposer.reject(handle)
-                    rejected += 1
-                    assignment, source, handle = repair(space, units, assignment, fits), "repaired", None
+                assignment, handle, source = vet_proposal(study, space, config, *proposer.ask())
             propose_s = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            cache.apply(units, assignment)
-            ppl = perplexity(model, score_windows, batch_size=config.batch_size).ppl
-            scores: dict[str, Any] = {"ppl": ppl}
-            acc = None
-            if config.tasks:
-                t2 = time.perf_counter()
-                table = zero_shot(model)  # type: ignore[misc]
-                acc = mean_accuracy(table, config.task_metric)
-                scores.update({"acc": acc, "tasks": task_summary(table), "task_seconds": time.perf_counter() - t2})
-            loss, ok = config.loss(ppl, acc)
-            eval_s = time.perf_counter() - t1
-            bits, nbytes = size(assignment)
-            record = {"number": len(done), "assignment": assignment, "plan": space.plan(units, assignment).to_dict(),
-                      **scores, "loss": loss}
-            if config.min_acc is not None:
-                record["feasible"] = ok
-            record.update({"bits_per_weight": bits, "size_bytes": nbytes, "source": source,
-                           "propose_seconds": propose_s, "eval_seconds": eval_s, "rejected_so_far": rejected})
-            if label is not None:
-                record["start"] = label
-            store.append(record)  # the plain store first: it is what a resumed study counts
-            values = (loss, float(nbytes))[: config.objectives]
-            if handle is not None:
-                proposer.tell(handle, values)
-            else:
-                proposer.add(assignment, values)
-            done.append(record)
+            scores = score_assignment(model, cache, units, assignment, score_windows, config, zero_shot)
+            record = record_trial(study, space, config, assignment, scores, handle, source=source, propose_s=propose_s,
+                                  label=label)
             best = record if best is None or rank(record) < rank(best) else best
-            shown = {"best_acc": f"{best['acc']:.4f}"} if config.objective == "acc" else {"best_ppl": f"{best['ppl']:.3f}"}
-            bar.set_postfix(**shown, bits=f"{bits:.3f}")
+            bar.set_postfix(**best_postfix(best, config), bits=f"{record['bits_per_weight']:.3f}")
             bar.update(1)
     finally:
         bar.close()
@@ -139,4 +195,5 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
     return done
 
 
-__all__ = ["ZeroShot", "run_search"]
+__all__ = ["Study", "ZeroShot", "best_postfix", "open_study", "record_trial", "run_search", "score_assignment",
+           "vet_proposal"]

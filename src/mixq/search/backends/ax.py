@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from mixq.errors import MixqError
-from mixq.search.backends.base import BackendContext, Budget, Fallback, register_backend
+from mixq.search.backends.base import BackendContext, Budget, Fallback, Proposer, register_backend
 from mixq.search.objective import loss_of
 
 PROPOSAL_THREADS = 1  # a GP of ~100 points: more threads only add overhead (10x slower on a busy 2-core host)
@@ -134,9 +134,11 @@ def _neighbourhood_acquisition() -> type:
     return NeighbourhoodAcquisition
 
 
-def _ax_generation_strategy(seed: int):  # type: ignore[no-untyped-def]
+def _ax_generation_strategy(seed: int, parallel: bool = False):  # type: ignore[no-untyped-def]
     """Sobol until ``SOBOL_TRIALS`` trials exist (the starts count), then Ax's modular BoTorch
-    generator with analytic LogEI, maximised over the neighbours of the trials so far."""
+    generator with analytic LogEI, maximised over the neighbours of the trials so far.
+    ``parallel`` (trials in flight while another is proposed, or several proposed at once):
+    Monte-Carlo qLogEI, which conditions on the pending trials (analytic LogEI takes none)."""
     from ax.adapter.registry import Generators
     from ax.core.trial_status import TrialStatus
     from ax.generation_strategy.generation_node import GenerationNode
@@ -145,6 +147,7 @@ def _ax_generation_strategy(seed: int):  # type: ignore[no-untyped-def]
     from ax.generation_strategy.transition_criterion import MinTrials
     from ax.generators.torch.botorch_modular.surrogate import ModelConfig, SurrogateSpec
     from botorch.acquisition.analytic import LogExpectedImprovement
+    from botorch.acquisition.logei import qLogExpectedImprovement
 
     sobol = GenerationNode(
         name="Sobol", generator_specs=[GeneratorSpec(generator_enum=Generators.SOBOL, generator_kwargs={"seed": seed})],
@@ -154,7 +157,8 @@ def _ax_generation_strategy(seed: int):  # type: ignore[no-untyped-def]
     mbm = GenerationNode(
         name="MBM", generator_specs=[GeneratorSpec(
             generator_enum=Generators.BOTORCH_MODULAR,
-            generator_kwargs={"botorch_acqf_class": LogExpectedImprovement, "acquisition_class": _neighbourhood_acquisition(),
+            generator_kwargs={"botorch_acqf_class": qLogExpectedImprovement if parallel else LogExpectedImprovement,
+                              "acquisition_class": _neighbourhood_acquisition(),
                               "surrogate_spec": SurrogateSpec(model_configs=[ModelConfig(botorch_model_class=_capped_gp())])},
             generator_gen_kwargs={"model_gen_options": {"optimizer_kwargs": dict(ACQF_OPTIONS)}})],
         should_deduplicate=True)
@@ -165,16 +169,18 @@ def _log_ppl(ppl: float) -> float:
     return math.log(ppl) if math.isfinite(ppl) and ppl > 0 else 50.0  # a diverged plan: e^50, worse than any real one
 
 
-class AxProposer:
+class AxProposer(Proposer):
     """Ax's ``Client``; the size budget as a linear constraint over ordered numeric choices
     (each value: the unit's bits per weight under that choice), so the GP sees how close
     two choices are in cost and the local search of the acquisition stays within budget.
     Where two choices of a unit cost the same bits (no order by size) the choices are plain
     categories and over-budget proposals are rejected and repaired.  ``log_loss``: the loss
-    is a perplexity, modelled on a log scale (else as it is, e.g. 1 − accuracy)."""
+    is a perplexity, modelled on a log scale (else as it is, e.g. 1 − accuracy).  ``parallel``:
+    proposals are made while other trials are pending (Monte-Carlo qLogEI, which conditions on
+    them, in place of analytic LogEI)."""
 
     def __init__(self, seed: int, units: list[str], choices: list[str], history: list[dict[str, Any]],
-                 budget: Budget | None, log_loss: bool = True) -> None:
+                 budget: Budget | None, log_loss: bool = True, parallel: bool = False) -> None:
         try:
             from ax.api.client import Client
             from ax.api.configs import ChoiceParameterConfig
@@ -208,21 +214,27 @@ class AxProposer:
         self.client.configure_experiment(parameters=parameters, parameter_constraints=constraints, name="mixq")
         self.metric, self.transform = ("log_ppl", _log_ppl) if log_loss else ("loss", float)
         self.client.configure_optimization(objective=f"-{self.metric}")
-        self.client.set_generation_strategy(_ax_generation_strategy(seed))
+        self.client.set_generation_strategy(_ax_generation_strategy(seed, parallel))
         self.rng = random.Random(seed)
         self.units, self.choices, self.budget = units, choices, budget
         for t in history:  # resume: replay the finished trials
             self.add(t["assignment"], (loss_of(t),))
 
     def ask(self) -> tuple[dict[str, str], Any]:
+        return self.ask_many(1)[0]
+
+    def ask_many(self, n: int) -> list[tuple[dict[str, str], Any]]:
+        """Up to ``n`` proposals from one ``get_next_trials(max_trials=n)`` (Ax may make fewer)."""
         try:
             with torch_threads(PROPOSAL_THREADS):
-                (index, params), = self.client.get_next_trials(max_trials=1).items()
+                trials = self.client.get_next_trials(max_trials=n)
+            if not trials:
+                raise RuntimeError("no trial proposed")
         except Exception as e:  # noqa: BLE001 - a failed generation must not end a long study
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             print(f"mixq: Ax could not propose ({reason}); a random plan instead", file=sys.stderr)
-            return {u: self.rng.choice(self.choices) for u in self.units}, Fallback(reason)
-        return {u: self.decode[u][params[p]] for u, p in self.names.items()}, index
+            return [({u: self.rng.choice(self.choices) for u in self.units}, Fallback(reason))]
+        return [({u: self.decode[u][params[p]] for u, p in self.names.items()}, index) for index, params in trials.items()]
 
     def tell(self, handle: Any, values: tuple[float, ...]) -> None:
         self.client.complete_trial(handle, raw_data={self.metric: self.transform(values[0])})
@@ -240,7 +252,7 @@ class AxProposer:
 
 @register_backend("ax", multi_objective=False, help="Bayesian optimisation (Ax Client, GP + LogEI)")
 def _ax(c: BackendContext) -> AxProposer:
-    return AxProposer(c.seed, c.units, c.choices, c.history, c.budget, c.log_loss)
+    return AxProposer(c.seed, c.units, c.choices, c.history, c.budget, c.log_loss, c.parallel > 1)
 
 
 __all__ = ["AxProposer", "neighbours"]

@@ -6,6 +6,7 @@ A proposer suggests assignments (unit name -> choice) and learns from results:
     proposer.tell(handle, values)            # its objectives: (loss,) or (ppl, size) for a Pareto front
     proposer.reject(handle)                  # over budget: dropped, never scored
     proposer.add(assignment, values)         # a trial it did not propose (a start, a repaired proposal)
+    proposals = proposer.ask_many(n)         # up to n proposals at once, for trials run in parallel
 
 * Optuna samplers (``random``, ``tpe``, ``nsga2``, ``nsga3``, ``qmc``, ``gp``), their study in
   SQLite (``study.db``); the genetic samplers count added trials in their populations;
@@ -53,6 +54,10 @@ class Fallback:
 class Proposer(Protocol):
     def ask(self) -> tuple[dict[str, str], Any]: ...
 
+    def ask_many(self, n: int) -> list[tuple[dict[str, str], Any]]:
+        """Up to ``n`` proposals, each pending until told or rejected (at least one; by default ``ask`` n times)."""
+        return [self.ask() for _ in range(n)]
+
     def tell(self, handle: Any, values: tuple[float, ...]) -> None: ...
 
     def reject(self, handle: Any) -> None: ...
@@ -74,6 +79,7 @@ class BackendContext:
     objectives: int = 1
     budget: Budget | None = None
     log_loss: bool = True  # the loss is a perplexity: model it on a log scale
+    parallel: int = 1  # trials evaluated at once (workers): proposals are made while others are pending
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,12 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from mixq.search.backends.base import BackendContext, register_backend
+from mixq.search.backends.base import BackendContext, Proposer, register_backend
 from mixq.search.backends.optuna import OptunaProposer
 from mixq.search.objective import loss_of
 
 
-class EvoProposer:
+class EvoProposer(Proposer):
     """Tournament selection among the finished trials, then a mutation (see ``mutate``)."""
 
     def __init__(self, record: OptunaProposer, history: list[dict[str, Any]], step: Callable[[dict[str, str]], dict[str, str]],

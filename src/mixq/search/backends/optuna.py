@@ -6,17 +6,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from mixq.search.backends.base import BackendContext, register_backend
+from mixq.search.backends.base import BackendContext, Proposer, register_backend
 
 NSGA_POPULATION = 20  # five generations in a study of 100 trials (Optuna's default of 50 makes two)
 
 
-def _optuna_samplers() -> dict[str, Callable[[int], object]]:
+def _optuna_samplers(parallel: bool = False) -> dict[str, Callable[[int], object]]:
+    """``parallel``: trials run while others are proposed; TPE then counts the running ones as
+    bad (its ``constant_liar``) so that proposals made together differ."""
     import optuna
 
     return {
         "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
-        "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+        "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=parallel),
         "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=NSGA_POPULATION),
         "nsga3": lambda seed: optuna.samplers.NSGAIIISampler(seed=seed, population_size=NSGA_POPULATION),
         "qmc": lambda seed: optuna.samplers.QMCSampler(seed=seed),
@@ -24,15 +26,16 @@ def _optuna_samplers() -> dict[str, Callable[[int], object]]:
     }
 
 
-class OptunaProposer:
+class OptunaProposer(Proposer):
     def __init__(self, sampler: str, seed: int, units: list[str], choices: list[str], storage: str, resume: bool,
-                 objectives: int = 1) -> None:
+                 objectives: int = 1, parallel: bool = False) -> None:
         import optuna
         from optuna.distributions import CategoricalDistribution
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.optuna = optuna
-        self.study = optuna.create_study(study_name="mixq", storage=storage, sampler=_optuna_samplers()[sampler](seed),
+        self.study = optuna.create_study(study_name="mixq", storage=storage,
+                                         sampler=_optuna_samplers(parallel)[sampler](seed),
                                          directions=["minimize"] * objectives, load_if_exists=resume)
         self.dists = {u: CategoricalDistribution(choices) for u in units}
         # genetic samplers (NSGA-II/III) keep a generation number on each trial; an added trial
@@ -67,7 +70,7 @@ _SINGLE_OBJECTIVE = {"gp"}
 
 def _factory(sampler: str) -> Callable[[BackendContext], OptunaProposer]:
     def build(c: BackendContext) -> OptunaProposer:
-        return OptunaProposer(sampler, c.seed, c.units, c.choices, c.storage, c.resume, c.objectives)
+        return OptunaProposer(sampler, c.seed, c.units, c.choices, c.storage, c.resume, c.objectives, c.parallel > 1)
 
     return build
 
