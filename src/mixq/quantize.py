@@ -20,6 +20,9 @@ from mixq.plan import LayerSpec, Plan
 from mixq.solvers import get_solver
 
 
+CALIBRATION_MODES = ("sequential", "independent")  # each block fed by the quantized ones / Grams of the base model
+
+
 @dataclass(frozen=True)
 class QuantizedLayer:
     spec: LayerSpec
@@ -45,24 +48,35 @@ class QuantizeResult:
 @torch.no_grad()
 def quantize_(model: nn.Module, plan: Plan, *, calibration: Tensor | Mapping[str, Tensor] | None = None,
               device: torch.device | str | None = None, batch_size: int = 8, progress: bool = False,
-              log: Callable[[str], None] | None = None, true_sequential: bool = True) -> QuantizeResult:
+              log: Callable[[str], None] | None = None, true_sequential: bool = True,
+              calibration_mode: str = "sequential") -> QuantizeResult:
     """Replace every planned weight by its dequantised value; return the codes.
 
     With ``calibration`` windows ([n, seqlen] token ids), or for an encoder a tokenizer's
     batch of padded sentences (``input_ids``, ``attention_mask``...), the layers inside
     transformer blocks are solved block by block on their Gram matrices (required by GPTQ
     and QuantEase); the others (and every layer without calibration) with their solver alone.
+    ``calibration_mode="independent"`` takes every Gram from the unquantized model instead of
+    feeding each block the quantized ones (as a layer database is solved).
     """
     from mixq.calibration import quantize_sequential_
+    from mixq.calibration.independent import quantize_independent_
 
+    if calibration_mode not in CALIBRATION_MODES:
+        raise MixqError(f"calibration mode {calibration_mode!r} is not one of {', '.join(CALIBRATION_MODES)}")
     start = time.perf_counter()
     specs = plan.resolve(model)
     out: dict[str, QuantizedLayer] = {}
     if calibration is not None:
         prefix = transformer_blocks(model)[0] + "."
         inside = {n: s for n, s in specs.items() if n.startswith(prefix)}
-        for rec in quantize_sequential_(model, inside, calibration, device=device, batch_size=batch_size,
-                                        progress=progress, log=log, true_sequential=true_sequential):
+        if calibration_mode == "independent":
+            records = quantize_independent_(model, inside, calibration, device=device, batch_size=batch_size,
+                                            progress=progress)
+        else:
+            records = quantize_sequential_(model, inside, calibration, device=device, batch_size=batch_size,
+                                           progress=progress, log=log, true_sequential=true_sequential)
+        for rec in records:
             out[rec.name] = QuantizedLayer(rec.spec, rec.result.qtensor, rec.result.loss, rec.rel_error,
                                            rec.rtn_rel_error, rec.seconds, rec.result.outliers)
     rest = {n: s for n, s in specs.items() if n not in out}
@@ -89,7 +103,8 @@ def quantize_(model: nn.Module, plan: Plan, *, calibration: Tensor | Mapping[str
 @contextmanager
 def quantized_copy(base: nn.Module, plan: Plan, *, calibration: Tensor | Mapping[str, Tensor] | None = None,
                    device: torch.device | str | None = None, batch_size: int = 8, progress: bool = False,
-                   log: Callable[[str], None] | None = None) -> Iterator[tuple[nn.Module, QuantizeResult | None]]:
+                   log: Callable[[str], None] | None = None,
+                   calibration_mode: str = "sequential") -> Iterator[tuple[nn.Module, QuantizeResult | None]]:
     """``(model, result)``: the base model itself (result None) for a plan that quantizes nothing
     by design (``base``), else a quantized deep copy, freed on exit.  A plan that names formats but
     matches no layer of this model is an error, never evaluated as if it were quantized."""
@@ -103,7 +118,7 @@ def quantized_copy(base: nn.Module, plan: Plan, *, calibration: Tensor | Mapping
     model = copy.deepcopy(base)
     try:
         result = quantize_(model, plan, calibration=calibration, device=device, batch_size=batch_size,
-                           progress=progress, log=log)
+                           progress=progress, log=log, calibration_mode=calibration_mode)
         yield model, result
     finally:
         del model

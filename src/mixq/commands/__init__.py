@@ -5,4 +5,4 @@ Each module has ``NAME`` (the sub-command), ``add_parser(subparsers)`` and ``run
 """
 
 #: module names under mixq.commands, in the order ``mixq --help`` lists them
-COMMANDS = ("formats", "quantize", "eval", "search", "report", "sensitivity", "allocate", "embed_eval")
+COMMANDS = ("formats", "quantize", "eval", "search", "report", "sensitivity", "allocate", "embed_eval", "database")

@@ -1,5 +1,8 @@
 """The search loop: propose, check the size budget, swap cached weights in, score, store.
 
+A trial's score is a function of the model, the weight cache and the assignment alone
+(``evaluate_trial``): the cache holds RTN weights or a layer database's solutions.
+
 Every finished trial goes at once to the Optuna study (SQLite, ``study.db``) and to
 ``trials.jsonl`` (one JSON object per line) in the run directory; ``--resume`` reloads
 both and carries on, losing at most the trial in flight.  Named starts (uniform plans,
@@ -30,15 +33,35 @@ from mixq.search.cache import WeightCache
 from mixq.search.config import SearchConfig, Start
 from mixq.search.objective import mean_accuracy, rank, task_summary
 from mixq.search.size import SizeModel, check_budget, mutate, repair
-from mixq.search.space import SearchSpace
+from mixq.search.space import SearchSpace, Unit
 from mixq.search.store import Store
 
 ZeroShot = Callable[[nn.Module], dict[str, dict[str, Any]]]  # model -> evaluate_tasks table
 
 
+def evaluate_trial(model: nn.Module, cache: WeightCache, units: list[Unit], assignment: dict[str, str],
+                   score_windows: Tensor, config: SearchConfig, zero_shot: ZeroShot | None = None) -> dict[str, Any]:
+    """Score one assignment: its weights copied in from ``cache``, perplexity on the scoring
+    windows (and zero-shot accuracy where ``config.tasks``); ``loss`` and ``feasible`` as
+    ``config.loss`` says.  The model keeps the trial's weights (``cache.restore`` puts them back)."""
+    cache.apply(units, assignment)
+    scores: dict[str, Any] = {"ppl": perplexity(model, score_windows, batch_size=config.batch_size).ppl}
+    acc = None
+    if config.tasks:
+        if zero_shot is None:
+            raise MixqError("the search scores zero-shot tasks but was given no zero-shot scorer")
+        t = time.perf_counter()
+        table = zero_shot(model)
+        acc = mean_accuracy(table, config.task_metric)
+        scores.update({"acc": acc, "tasks": task_summary(table), "task_seconds": time.perf_counter() - t})
+    scores["loss"], scores["feasible"] = config.loss(scores["ppl"], acc)
+    return scores
+
+
 def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, config: SearchConfig, run_dir: Path, *,
                meta: dict[str, Any], resume: bool = False, initial: list[Start] | None = None,
-               progress: bool = True, zero_shot: ZeroShot | None = None) -> list[dict[str, Any]]:
+               progress: bool = True, zero_shot: ZeroShot | None = None,
+               cache: WeightCache | None = None) -> list[dict[str, Any]]:
     """Run (or resume) a study; returns every finished trial record.
 
     ``initial`` trials come first (repaired if over budget, each assignment once); their
@@ -46,7 +69,9 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
     set, ``zero_shot(model)`` (an ``evaluate_tasks`` table on the fixed subset, see
     ``objective.zero_shot_scorer``) scores them in every trial: the record gets ``acc`` (the
     mean of ``config.task_metric``) and ``tasks`` (per task), and under ``config.min_acc``
-    ``feasible``.  ``loss`` is the value told to the backend."""
+    ``feasible``.  ``loss`` is the value told to the backend.  Trials take their weights from
+    ``cache`` (default: ``WeightCache.for_space`` without a layer database, which serves
+    data-free solvers only)."""
     if config.tasks and zero_shot is None:
         raise MixqError("the search scores zero-shot tasks but was given no zero-shot scorer")
     meta = {**meta, **config.describe()}
@@ -63,8 +88,8 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
                              storage=store.storage_url(), resume=resume, history=done,
                              step=lambda parent: mutate(space, units, parent, fits, rng), objectives=config.objectives,
                              budget=size.budget(config), log_loss=config.objective != "acc" and config.min_acc is None)
+    cache = cache if cache is not None else WeightCache.for_space(model, space, units)
     proposer = make_proposer(config.backend, context)
-    cache = WeightCache.for_space(model, space, units)
     seen = {json.dumps(t["assignment"], sort_keys=True) for t in done}
     rejected = done[-1]["rejected_so_far"] if done else 0
     queued: dict[str, Start] = {}  # one trial per assignment; starts that coincide share it (labels joined)
@@ -99,16 +124,8 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
                     assignment, source, handle = repair(space, units, assignment, fits), "repaired", None
             propose_s = time.perf_counter() - t0
             t1 = time.perf_counter()
-            cache.apply(units, assignment)
-            ppl = perplexity(model, score_windows, batch_size=config.batch_size).ppl
-            scores: dict[str, Any] = {"ppl": ppl}
-            acc = None
-            if config.tasks:
-                t2 = time.perf_counter()
-                table = zero_shot(model)  # type: ignore[misc]
-                acc = mean_accuracy(table, config.task_metric)
-                scores.update({"acc": acc, "tasks": task_summary(table), "task_seconds": time.perf_counter() - t2})
-            loss, ok = config.loss(ppl, acc)
+            scores = evaluate_trial(model, cache, units, assignment, score_windows, config, zero_shot)
+            loss, ok = scores.pop("loss"), scores.pop("feasible")
             eval_s = time.perf_counter() - t1
             bits, nbytes = size(assignment)
             record = {"number": len(done), "assignment": assignment, "plan": space.plan(units, assignment).to_dict(),
@@ -136,4 +153,4 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
     return done
 
 
-__all__ = ["ZeroShot", "run_search"]
+__all__ = ["ZeroShot", "evaluate_trial", "run_search"]

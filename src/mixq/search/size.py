@@ -10,14 +10,15 @@ from typing import Any
 from torch import nn
 
 from mixq.errors import PlanError
-from mixq.formats import parse_format
+from mixq.layers import read_weight, stored_bits
 from mixq.search.backends import Budget
 from mixq.search.config import SearchConfig
 from mixq.search.space import SearchSpace, Unit
 
 
 def cost_order(space: SearchSpace, shape: tuple[int, int]) -> list[str]:
-    return sorted(space.choices, key=lambda c: parse_format(c).bits_per_weight(shape))
+    """The choices from the cheapest to the dearest on a weight of ``shape`` (the solvers' extra bits counted)."""
+    return sorted(space.choices, key=lambda c: stored_bits(space.spec(c), shape))
 
 
 def repair(space: SearchSpace, units: list[Unit], assignment: dict[str, str], fits) -> dict[str, str]:  # type: ignore[no-untyped-def]
@@ -46,26 +47,19 @@ def repair(space: SearchSpace, units: list[Unit], assignment: dict[str, str], fi
 
 class SizeModel:
     """Exact bits/weight and bytes of any assignment, by summing per-(layer, choice) bits
-    computed once (the same counts as ``Plan.size_report``, without building a plan)."""
+    computed once (the same counts as ``Plan.size_report``, without building a plan): codes,
+    group parameters and what each choice's solver stores beside them (outliers)."""
 
     def __init__(self, space: SearchSpace, units: list[Unit], model: nn.Module) -> None:
-        from mixq.solvers import get_solver
-
         first = {u.name: space.choices[0] for u in units}
         rep = space.plan(units, first).size_report(model)
-        solver = get_solver(space.solver)
-        opts = solver.options({})
         self.units = units
         self.bits: dict[tuple[str, str], int] = {}
-        self.params = {u.name: sum(model.get_submodule(n).weight.numel() for n in u.layers) for u in units}
+        self.params = {u.name: sum(read_weight(model, n).numel() for n in u.layers) for u in units}
         for u in units:
             for c in space.choices:
-                fmt = parse_format(c)
-                total = 0
-                for layer in u.layers:
-                    shape = tuple(model.get_submodule(layer).weight.shape)
-                    total += fmt.storage_bits(shape) + solver.extra_bits(opts, shape)
-                self.bits[(u.name, c)] = total
+                spec = space.spec(c)
+                self.bits[(u.name, c)] = sum(stored_bits(spec, tuple(read_weight(model, n).shape)) for n in u.layers)
         searched = sum(self.bits[(u.name, first[u.name])] for u in units)
         self.fixed_bits = rep.quantized_bits - searched  # pinned layers
         self.other_bits = rep.other_bits
