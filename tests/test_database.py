@@ -180,6 +180,23 @@ def test_a_trial_on_the_database_is_quantize_with_independent_calibration(base, 
     assert trial == independent and sequential != independent
 
 
+@pytest.mark.parametrize("backend,objective", [("tpe", "ppl"), ("ax", "ppl"), ("evo", "ppl"), ("nsga2", "pareto")])
+def test_every_backend_searches_the_database(base, reference, tmp_path, backend, objective):
+    space = SearchSpace(choices=CHOICES, granularity="block")
+    units = space.units(base)
+    cache = WeightCache.for_space(base, space, units, database=reference)
+    score = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(3))
+    config = SearchConfig(backend=backend, trials=4, max_bits=None if objective == "pareto" else 4.0, objective=objective,
+                          batch_size=BATCH)
+    meta = {"model_sha256": "x", "space": space.to_dict(), "max_bits": config.max_bits}
+    trials = run_search(base, space, score, config, tmp_path / backend, meta=meta, progress=False, cache=cache)
+    for t in trials[:2]:  # a trial's perplexity is that of the database's weights for its assignment
+        again = evaluate_trial(base, cache, units, t["assignment"], score, config)["ppl"]
+        assert again == t["ppl"] and (config.max_bits is None or t["bits_per_weight"] <= 4.0)
+        assert {r["solver"] for r in t["plan"]["rules"]} <= {"quantease", "gptq", "rtn"}
+    cache.restore()
+
+
 def test_keys_name_every_input_and_refuse_another(key, reference):
     c = key.calibration
     changes = [dataclasses.replace(key, model_sha256="b" * 64), dataclasses.replace(key, dtype="float16"),
@@ -245,6 +262,8 @@ def test_choices_name_their_solver_and_count_its_bits(base):
     assert size({u.name: space.choices[2] for u in units})[0] > size({u.name: space.choices[0] for u in units})[0]
     with pytest.raises(MixqError, match="duplicate choices"):
         SearchSpace(choices=("int3-g32:quantease", "int3-g32"), solver="quantease")
+    cli = SearchSpace(choices=("int3-g32", "int4-g32:rtn")).with_solver("gptq", {"damp": 0.02})  # mixq search --solver
+    assert [cli.spec(c) for c in cli.choices] == [LayerSpec.of("int3-g32", "gptq", damp=0.02), LayerSpec.of("int4-g32")]
 
 
 def test_database_search_sensitivity_and_allocate_cli(tiny_dir, data_dir, text_file, tmp_path, capsys):

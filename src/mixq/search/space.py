@@ -22,6 +22,8 @@ default; ``tied: []`` searches every layer on its own (which serving engines may
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +84,11 @@ def choice_name(choice: str | Mapping[str, Any], solver: str = "rtn", options: M
     return f"{spec.format.name}:{spec.solver}" + (f":{opts}" if opts else "")
 
 
+@functools.lru_cache(maxsize=4096)  # every trial builds its plan from the choices' specs
+def _spec(choice: str, solver: str, options: tuple[tuple[str, Any], ...]) -> LayerSpec:
+    return parse_choice(choice, solver, dict(options))
+
+
 def _yaml_scalar(value: Any) -> str:
     """A value as YAML reads it back (``1e-05`` would come back a string; ``1.0e-05`` a float)."""
     return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n").removesuffix("\n...").strip()
@@ -108,7 +115,7 @@ class SearchSpace:
 
     def spec(self, choice: str) -> LayerSpec:
         """The format, solver and options a choice stands for."""
-        return parse_choice(choice, self.solver, dict(self.options))
+        return _spec(choice, self.solver, self.options)
 
     def needs_calibration(self) -> bool:
         """Whether a choice or a fixed layer has a solver that needs calibration data (a layer database)."""
@@ -122,8 +129,6 @@ class SearchSpace:
         ``options`` alone replace the options of the space's solver."""
         if solver is None and not options:
             return self
-        import dataclasses
-
         try:
             return dataclasses.replace(self, solver=solver or self.solver, options=tuple(sorted((options or {}).items())))
         except MixqError as e:
