@@ -1,4 +1,4 @@
-"""Mixed-precision search on a layer database of SmolLM2-135M, in one command (one H200: about 8 minutes).
+"""Mixed-precision search on a layer database of SmolLM2-135M, in one command (one H200: about 8 minutes, estimated).
 
     python3 bench/database_gpu.py --model /root/models/SmolLM2-135M-Instruct.Q4_1.gguf --data-dir DATA --out OUT
 
@@ -56,7 +56,7 @@ def main() -> int:
     ap.add_argument("--budgets", default=",".join(TARGETS), help="size:BYTES or bits:B, comma-separated")
     ap.add_argument("--backends", default="tpe,ax")
     ap.add_argument("--tpe-trials", type=int, default=300)
-    ap.add_argument("--ax-trials", type=int, default=80)
+    ap.add_argument("--ax-trials", type=int, default=60)
     ap.add_argument("--starts", type=int, default=4, help="guided starts per study")
     ap.add_argument("--front-formats", default=FRONT_FORMATS)
     ap.add_argument("--front-solvers", default="rtn,gptq,quantease")
