@@ -8,8 +8,8 @@
 #       ax_block_3.25bits     Ax, block granularity, at most 3.25 bits/weight
 #       tpe_layer_int4size    Optuna TPE, layer granularity, the int4-g128 size
 #       nsga2_layer_int4size  Optuna NSGA-II, layer granularity, the int4-g128 size
-#     every study also times the reload-and-requantize loop against its cached trials; the first
-#     re-solves its best plan (and uniform int4-g128) with GPTQ;
+#     every study also times the reload-and-requantize loop against its cached trials (searches over
+#     GPTQ or QuantEase weights: bench/database_gpu.py);
 #  3. bench/summarize_search.py: the tables and the best-vs-trial plot.
 # Usage: bench/search_gpu.sh MODEL DATA_DIR OUT_DIR   (MODEL: smollm2-135m or its GGUF file)
 # OUT_DIR receives search_h100.md, search_best_vs_trial.png, search_runs.tar.gz (every report,
@@ -32,10 +32,10 @@ log="$out/search_log.txt"
 : > "$log"
 int4_g128_size=112023936   # bytes of uniform int4-g128 on SmolLM2-135M (bench/results/eval_speed_h100.md)
 if [[ ${MIXQ_BENCH_SMOKE:-0} == 1 ]]; then
-  trials=20; seqlen=64; limit=2; final=(--final-limit 2); sens=(--nsamples 1 --seqlen 32); gptq=(--nsamples 2)
+  trials=20; seqlen=64; limit=2; final=(--final-limit 2); sens=(--nsamples 1 --seqlen 32)
   device=(--device cpu)
 else
-  trials=${MIXQ_BENCH_TRIALS:-100}; seqlen=2048; limit=4; final=(); sens=(--nsamples 4 --seqlen 1024); gptq=(--nsamples 128)
+  trials=${MIXQ_BENCH_TRIALS:-100}; seqlen=2048; limit=4; final=(); sens=(--nsamples 4 --seqlen 1024)
   device=()
 fi
 py=${PYTHON:-python3}
@@ -69,8 +69,7 @@ read -r -a names <<< "${MIXQ_BENCH_STUDIES:-${all[*]}}"
 pids=()
 for name in "${names[@]}"; do
   case $name in
-    ax_block_int4size) study "$name" ax space_block.yaml --max-size "$int4_g128_size" \
-      --solver gptq --option act_order=true --option static_groups=true "${gptq[@]}" & pids+=($!) ;;
+    ax_block_int4size) study "$name" ax space_block.yaml --max-size "$int4_g128_size" & pids+=($!) ;;
     ax_block_3.25bits) study "$name" ax space_block.yaml --max-bits 3.25 & pids+=($!) ;;
     tpe_layer_int4size) study "$name" tpe space_layer.yaml --max-size "$int4_g128_size" & pids+=($!) ;;
     nsga2_layer_int4size) study "$name" nsga2 space_layer.yaml --max-size "$int4_g128_size" & pids+=($!) ;;

@@ -15,9 +15,12 @@ from tqdm.auto import tqdm
 
 from mixq.errors import MixqError, PlanError
 from mixq.formats import QTensor
-from mixq.models import matrix_by_name
+from mixq.models import matrix_by_name, transformer_blocks
 from mixq.plan import LayerSpec, Plan
 from mixq.solvers import get_solver
+
+
+CALIBRATION_MODES = ("sequential", "independent")  # each block fed by the quantized ones / Grams of the base model
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,8 @@ class QuantizeResult:
 @torch.no_grad()
 def quantize_(model: nn.Module, plan: Plan, *, calibration: Tensor | Mapping[str, Tensor] | None = None,
               device: torch.device | str | None = None, batch_size: int = 8, progress: bool = False,
-              log: Callable[[str], None] | None = None, true_sequential: bool = True) -> QuantizeResult:
+              log: Callable[[str], None] | None = None, true_sequential: bool = True,
+              calibration_mode: str = "sequential") -> QuantizeResult:
     """Replace every planned weight by its dequantised value; return the codes.
 
     With ``calibration`` windows ([n, seqlen] token ids), or for an encoder a tokenizer's
@@ -58,9 +62,15 @@ def quantize_(model: nn.Module, plan: Plan, *, calibration: Tensor | Mapping[str
     ``result.layers`` holds one entry per matrix, in plan order: a layer under its name,
     stacked experts one per expert, ``<parameter>.<e>`` (``model.layers.0.mlp.experts.down_proj.3``),
     each with the 2-D codes of that expert's ``[out, in]`` matrix.
+    ``calibration_mode="independent"`` takes every Gram from the unquantized model instead of
+    feeding each block the quantized ones (as a layer database is solved); it covers the 2-D
+    matrices inside the blocks.
     """
     from mixq.calibration import quantize_sequential_
+    from mixq.calibration.independent import quantize_independent_
 
+    if calibration_mode not in CALIBRATION_MODES:
+        raise MixqError(f"calibration mode {calibration_mode!r} is not one of {', '.join(CALIBRATION_MODES)}")
     start = time.perf_counter()
     specs = plan.resolve(model)
     matrices = {n: matrix_by_name(model, n) for n in specs}
@@ -87,8 +97,18 @@ def quantize_(model: nn.Module, plan: Plan, *, calibration: Tensor | Mapping[str
                                             outliers=result.outliers)
     calibrated = {n: s for n, s in specs.items() if n not in free}
     if calibrated:
-        for rec in quantize_sequential_(model, calibrated, calibration, device=device, batch_size=batch_size,
-                                        progress=progress, log=log, true_sequential=true_sequential):
+        if calibration_mode == "independent":
+            prefix = transformer_blocks(model)[0] + "."
+            other = [n for n in calibrated if not n.startswith(prefix) or matrices[n].stacked]
+            if other:
+                raise PlanError(f"layer {other[0]!r}: independent calibration covers the 2-D matrices inside the "
+                                "transformer blocks (calibrate it sequentially, or use rtn)")
+            records = quantize_independent_(model, calibrated, calibration, device=device, batch_size=batch_size,
+                                            progress=progress)
+        else:
+            records = quantize_sequential_(model, calibrated, calibration, device=device, batch_size=batch_size,
+                                           progress=progress, log=log, true_sequential=true_sequential)
+        for rec in records:
             out[rec.name] = QuantizedLayer(rec.spec, rec.result.qtensor, rec.result.loss, rec.rel_error,
                                            rec.rtn_rel_error, rec.seconds, rec.result.outliers)
     order = [part.name for m in matrices.values() for part in m.parts()]
@@ -98,7 +118,8 @@ def quantize_(model: nn.Module, plan: Plan, *, calibration: Tensor | Mapping[str
 @contextmanager
 def quantized_copy(base: nn.Module, plan: Plan, *, calibration: Tensor | Mapping[str, Tensor] | None = None,
                    device: torch.device | str | None = None, batch_size: int = 8, progress: bool = False,
-                   log: Callable[[str], None] | None = None) -> Iterator[tuple[nn.Module, QuantizeResult | None]]:
+                   log: Callable[[str], None] | None = None,
+                   calibration_mode: str = "sequential") -> Iterator[tuple[nn.Module, QuantizeResult | None]]:
     """``(model, result)``: the base model itself (result None) for a plan that quantizes nothing
     by design (``base``), else a quantized deep copy, freed on exit.  A plan that names formats but
     matches no layer of this model is an error, never evaluated as if it were quantized."""
@@ -112,7 +133,7 @@ def quantized_copy(base: nn.Module, plan: Plan, *, calibration: Tensor | Mapping
     model = copy.deepcopy(base)
     try:
         result = quantize_(model, plan, calibration=calibration, device=device, batch_size=batch_size,
-                           progress=progress, log=log)
+                           progress=progress, log=log, calibration_mode=calibration_mode)
         yield model, result
     finally:
         del model

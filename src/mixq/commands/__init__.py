@@ -6,4 +6,4 @@ Each module has ``NAME`` (the sub-command), ``add_parser(subparsers)`` and ``run
 
 #: module names under mixq.commands, in the order ``mixq --help`` lists them
 COMMANDS = ("formats", "quantize", "eval", "search", "report", "sensitivity", "allocate", "embed_eval", "generate",
-            "plot_weights", "profile", "export", "bench_speed")
+            "plot_weights", "profile", "export", "database", "bench_speed")

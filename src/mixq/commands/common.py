@@ -71,6 +71,14 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
                    help="join a running Ray cluster: auto (this node's) or ray://host:port (default: a local instance)")
 
 
+def add_calibration_mode(p: argparse.ArgumentParser) -> None:
+    """--calibration-mode: how calibrated solvers see their inputs."""
+    p.add_argument("--calibration-mode", default="sequential", choices=["sequential", "independent"],
+                   help="sequential (default): each block solved on the outputs of the quantized blocks before it; "
+                        "independent: every layer on the base model's inputs, as a layer database (mixq search --db) "
+                        "solves them")
+
+
 def add_shared(p: argparse.ArgumentParser) -> None:
     """The options of the commands that load a causal LM, quantize it and evaluate it."""
     add_model_options(p)
@@ -178,8 +186,11 @@ def calibration(args: argparse.Namespace, loaded: Any, plans: list[Any]):  # typ
 def calibration_record(args: argparse.Namespace, calib: Any) -> dict[str, Any] | None:
     if calib is None:
         return None
+    mode = ("independent: each layer sees the base model's inputs"
+            if getattr(args, "calibration_mode", "sequential") == "independent"
+            else "sequential: each block sees the outputs of the quantized blocks before it")
     return {"dataset": args.calib_dataset, "split": args.calib_split, "nsamples": args.nsamples, "seqlen": args.seqlen,
-            "seed": args.seed, "mode": "sequential: each block sees the outputs of the quantized blocks before it"}
+            "seed": args.seed, "mode": mode}
 
 
 def write_report(args: argparse.Namespace, label: str, result: Any) -> None:
@@ -226,6 +237,6 @@ def load_for(args: argparse.Namespace, run: Run):  # type: ignore[no-untyped-def
     return load_model(args.model, dtype=run.dtype, device=run.device)
 
 
-__all__ = ["Run", "add_device_options", "add_model_options", "add_shared", "add_solver_options", "calibration",
+__all__ = ["Run", "add_calibration_mode", "add_device_options", "add_model_options", "add_shared", "add_solver_options", "calibration",
            "calibration_record", "load_for", "parse_plans", "parse_size", "plan_label", "provenance_record", "say",
            "setup_run", "solver_options", "write_report", "add_cluster_options", "cluster_of"]

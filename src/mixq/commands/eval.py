@@ -6,8 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from mixq.commands.common import (add_shared, calibration, calibration_record, load_for, parse_plans,
-                                  provenance_record, say, setup_run, write_report)
+from mixq.commands.common import (add_calibration_mode, add_shared, calibration, calibration_record, load_for,
+                                  parse_plans, provenance_record, say, setup_run, write_report)
 from mixq.errors import MixqError
 
 NAME = "eval"
@@ -24,6 +24,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="comma-separated: wikitext2 (perplexity) and zero-shot tasks (arc_easy, piqa, lambada_openai, "
                         "copa, openbook_qa, siqa from the data directory, or any lm-eval task name); --limit caps each")
     add_shared(p)
+    add_calibration_mode(p)
     return p
 
 
@@ -66,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for label, plan in plans:
         with quantized_copy(base, plan, calibration=calib, device=run_.device, batch_size=run_.batch_size,
-                            progress=not args.json, log=lambda m: say(args, m)) as (model, q):
+                            progress=not args.json, log=lambda m: say(args, m),
+                            calibration_mode=args.calibration_mode) as (model, q):
             if q is not None:
                 write_report(args, label, q)
             report = plan.size_report(base)

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mixq.commands.common import (add_shared, calibration, calibration_record, plan_label, provenance_record, say,
-                                  setup_run, solver_options, write_report)
+from mixq.commands.common import (add_calibration_mode, add_shared, calibration, calibration_record, plan_label,
+                                  provenance_record, say, setup_run, solver_options, write_report)
 
 NAME = "quantize"
 
@@ -18,6 +18,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True, help="plan file (.yaml/.json) or preset (e.g. int4-g128)")
     p.add_argument("--out", required=True, help="output folder")
     add_shared(p)
+    add_calibration_mode(p)
     return p
 
 
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         raise PlanError(f"plan {plan.describe()!r} quantizes no layer of this model: nothing to save")
     calib = calibration(args, loaded, [plan])
     result = quantize_(loaded.model, plan, calibration=calib, device=run_.device, batch_size=run_.batch_size,
-                       progress=not args.json, log=lambda m: say(args, m))
+                       progress=not args.json, log=lambda m: say(args, m), calibration_mode=args.calibration_mode)
     write_report(args, plan_label(args.plan), result)
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.yaml")

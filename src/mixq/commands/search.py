@@ -20,7 +20,8 @@ REQUANTIZE_TRIALS = 3  # trials of the reload-and-requantize loop timed after th
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     se = subparsers.add_parser("search", help="search per-layer formats under a size budget")
     se.add_argument("--space", default=None, help="search space file (YAML/JSON) or the first seed's Ax parameter-space "
-                                                   "file; default: block granularity, int2..int8")
+                                                   "file; default: block granularity, int2..int8; --solver and its options "
+                                                   "set the solver of the choices that name none")
     se.add_argument("--profile", default=None, help="a mixq profile file: the fraction widths of a fraction: profile space")
     se.add_argument("--objective", default="ppl", choices=["ppl", "pareto", "acc"],
                     help="ppl: lowest perplexity on validation windows within the budget (with --min-acc: among plans "
@@ -54,36 +55,39 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     se.add_argument("--sens", default=None, help="sensitivity file (mixq sensitivity): guided starts from it")
     se.add_argument("--starts", type=int, default=4, help="with --sens: how many guided starts (default 4)")
     add_cluster_options(se)
+    se.add_argument("--db", default=None, metavar="DIR",
+                    help="layer database the trials read: every searched layer solved at every choice on the base "
+                         "model's calibration windows (--nsamples, --seqlen, --calib-dataset, --calib-split, --seed, "
+                         "--batch-size), built first where it lacks entries; used when a choice's solver needs "
+                         "calibration (e.g. int3-g64:quantease, or --solver quantease); default RUN_DIR/db")
+    se.add_argument("--sequential-top", type=int, default=2, metavar="N",
+                    help="with a layer database: also solve the best N plans sequentially (each block fed by the "
+                         "quantized ones) and keep the solution that scores better on the re-scoring windows "
+                         "(default 2; 0: the database's)")
     add_shared(se)
     return se
 
 
 
 def run(args: argparse.Namespace) -> int:
+    from mixq.commands.database import calibration_key, ensure_entries
     from mixq.data import bos_rule, model_windows
+    from mixq.database import LayerDatabase
     from mixq.errors import PlanError
     from mixq.evaluate import perplexity
     from mixq.plan import Plan
-    from mixq.search import SearchConfig, Start, run_search
-    from mixq.search.objective import (
-        RESCORE_FACTOR,
-        check_tasks,
-        feasible,
-        mean_accuracy,
-        parse_tasks,
-        rank,
-        task_summary,
-        zero_shot_scorer,
-    )
-    from mixq.search.cache import WeightCache
-    from mixq.search.objective import pareto_front
+    from mixq.quantize import quantized_copy
+    from mixq.search import SearchConfig, SearchSpace, Start, run_search
+    from mixq.search.backends import check_backend
+    from mixq.search.cache import WeightCache, database_entries
+    from mixq.search.objective import (RESCORE_FACTOR, check_tasks, feasible, mean_accuracy, pareto_front, parse_tasks,
+                                       rank, task_summary, zero_shot_scorer)
     from mixq.search.report import write_report
     from mixq.search.seed_files import bind_space, export_seed_files, initial_starts, read_space, seed_space_of
     from mixq.search.size import SizeModel
     from mixq.search.starts import guided_starts
     from mixq.search.store import Store
     from mixq.search.timing import requantize_seconds
-    from mixq.quantize import quantized_copy
 
     run_ = setup_run(args)
     device, dtype, batch = run_.device, run_.dtype, run_.batch_size
@@ -93,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
         raise MixqError(f"--trials must be positive, got {args.trials}")
     if args.final_task_limit is not None and args.final_task_limit < 1:
         raise MixqError(f"--final-task-limit must be positive, got {args.final_task_limit}")
-    from mixq.search.backends import check_backend
-
+    if args.sequential_top < 0:
+        raise MixqError(f"--sequential-top must be 0 or more, got {args.sequential_top}")
     check_backend(args.backend, 2 if args.objective == "pareto" else 1)  # before loading anything
     cluster = cluster_of(args, device)  # Ray checked for before anything loads
     tasks = parse_tasks(args.tasks)
@@ -110,22 +114,33 @@ def run(args: argparse.Namespace) -> int:
         if not Path(args.sens).is_file():
             raise MixqError(f"sensitivity file not found: {args.sens}")
         sens = json.loads(Path(args.sens).read_text())
+    run_dir = Path(args.run_dir)
     t_load = time.perf_counter()
     loaded = load_for(args, run_)
     load_seconds = time.perf_counter() - t_load
     model = loaded.model
-    space = bind_space(given, model)
+    space = bind_space(given, model).with_solver(args.solver, solver_options(args))
     if args.profile:
         space = space.with_profile(args.profile)
     if args.export_seed_files:
         seed_space_of(space, model)  # a space the seed files cannot hold is refused before the search
+    identity = loaded.identity()
+    units = space.units(model)
+    db = key = calib = build = None
+    if space.needs_calibration() or args.db is not None:  # the trials read a layer database
+        key, calib = calibration_key(args, loaded, run_)
+        db = LayerDatabase.open(Path(args.db) if args.db else run_dir / "db", key)
+        build = ensure_entries(args, model, db, database_entries(model, space, units), calib, run_)
+    if sens is not None and key is not None and sens.get("meta", {}).get("database") not in (None, key.to_dict()):
+        raise MixqError(f"{args.sens} was measured on another layer database than {db.path}: "  # type: ignore[union-attr]
+                        "measure it on this one (mixq sensitivity --db)")
     limit = args.limit or 4
 
     def text_windows(split: str, n: int | None) -> Any:
         return model_windows(model, loaded.tokenizer, "wikitext2", split, args.seqlen, root=args.data_dir, limit=n)
 
-    score, rescore, test = text_windows("validation", limit), text_windows("validation", RESCORE_FACTOR * limit), \
-        text_windows("test", args.final_limit)
+    rescore = text_windows("validation", RESCORE_FACTOR * limit)
+    score, test = rescore[:limit], text_windows("test", args.final_limit)  # the scoring windows: the first re-scoring ones
     bos = bos_rule(model, loaded.tokenizer)
     task_batch = args.batch_size or (64 if device.startswith("cuda") else 8)
 
@@ -134,31 +149,32 @@ def run(args: argparse.Namespace) -> int:
                                 batch_size=task_batch, device=device,
                                 add_bos=bos is not None, stderr=stderr)
 
-    identity = loaded.identity()
+    cache = WeightCache.for_space(model, space, units, database=db)
+    size = SizeModel(space, units, model)
     meta = {"model": args.model, "model_sha256": identity["sha256"], "space": space.to_dict(), **config.describe(),
             "max_bits": config.max_bits, "max_size": config.max_size, "seqlen": args.seqlen, "limit": limit,
-            "backend": args.backend, "trials": args.trials, "seed": args.seed, "command": args.command_line}
-    units = space.units(model)
+            "backend": args.backend, "trials": args.trials, "seed": args.seed, "command": args.command_line,
+            "database": None if key is None else key.digest()}
     initial = [Start(f"uniform {c}", {u.name: c for u in units}) for c in space.choices]  # uniform baselines first
     initial += [s for p in args.initial for s in initial_starts(p, space, units, model, given)]
     guided = []
     if sens is not None:
-        guided = guided_starts(sens, space, units, SizeModel(space, units, model), config, count=args.starts, seed=args.seed)
+        guided = guided_starts(sens, space, units, size, config, count=args.starts, seed=args.seed)
         initial += guided
-    run_dir = Path(args.run_dir)
     if cluster is not None:
         from mixq.cluster import ModelSpec
         from mixq.search.distributed import ZeroShotSpec, run_distributed_search
 
+        if db is not None:
+            raise MixqError("--workers reads RTN weights on each worker; a layer database search runs in one process")
         trials = run_distributed_search(
             model, space, score, config, run_dir, spec=ModelSpec(args.model, dtype, cluster.device), cluster=cluster,
             meta=meta, resume=args.resume, initial=initial, progress=not args.json,
             zero_shot=ZeroShotSpec(args.data_dir, task_batch) if tasks else None)
     else:
         trials = run_search(model, space, score, config, run_dir, meta=meta, resume=args.resume, initial=initial,
-                            progress=not args.json, zero_shot=scorer(config.task_limit) if tasks else None)
+                            progress=not args.json, zero_shot=scorer(config.task_limit) if tasks else None, cache=cache)
     # multi-fidelity: re-score the best few on more windows (accuracy: on more task examples), then the final table
-    cache = WeightCache.for_space(model, space, units)
     top = sorted({json.dumps(t["assignment"], sort_keys=True): t for t in trials}.values(), key=rank)[:config.rescore_top]
     wider = None if config.task_limit is None else RESCORE_FACTOR * config.task_limit
     for t in top:
@@ -177,77 +193,123 @@ def run(args: argparse.Namespace) -> int:
         cached_s.append(time.perf_counter() - t0)
     cache.restore()
     requantize_s = requantize_seconds(model, space, units, timed, score, batch_size=batch)
-    if config.objective == "acc":
-        best = max(top, key=lambda t: (t["rescore_acc"], t["acc"], -t["bits_per_weight"]))
-    else:  # the trials meeting --min-acc first: re-scoring perplexity does not re-test accuracy
-        best = min(top, key=lambda t: (not feasible(t), t["rescore_ppl"]))
-    best_plan = Plan.from_dict(best["plan"])
-    best_plan.save(run_dir / "best_plan.yaml")
-    if args.export_seed_files:
-        export_seed_files(args.export_seed_files, space, model,
-                          [best["assignment"]] + [t["assignment"] for t in top if t is not best])
+
+    def order(t: dict[str, Any]) -> tuple:  # the better solution first: on the re-scoring windows (or task examples)
+        if config.objective == "acc":
+            return (-t["rescore_acc"], -t["acc"], t["bits_per_weight"])
+        return (not feasible(t), t["rescore_ppl"])  # the trials meeting --min-acc first
+
     final_tasks = scorer(args.final_task_limit, stderr=True) if tasks else None
 
+    def scored(label: str, m: Any) -> dict[str, Any]:
+        row = {"label": label, "ppl": perplexity(m, test, batch_size=batch).ppl}
+        if final_tasks is not None:
+            table = final_tasks(m)
+            row.update({"acc": mean_accuracy(table, config.task_metric), "tasks": task_summary(table)})
+        return row
+
     def final(label: str, plan: Any, calibration: Any = None) -> dict[str, Any]:
+        """A plan quantized in a copy of the model (with ``calibration``: sequentially), on the test split."""
         t0 = time.perf_counter()
         with quantized_copy(model, plan, calibration=calibration, device=device, batch_size=batch) as (m, _):
             rep = plan.size_report(model)
-            row = {"label": label, "ppl": perplexity(m, test, batch_size=batch).ppl,
-                   "bits_per_weight": rep.bits_per_weight, "size_bytes": rep.size_bytes}
-            if final_tasks is not None:
-                table = final_tasks(m)
-                row.update({"acc": mean_accuracy(table, config.task_metric), "tasks": task_summary(table)})
+            row = {**scored(label, m), "bits_per_weight": rep.bits_per_weight, "size_bytes": rep.size_bytes}
         row["seconds"] = time.perf_counter() - t0
         return row
 
-    def fits(p: Any) -> bool:
-        rep = p.size_report(model)
-        return config.budget_ok(rep.bits_per_weight, rep.size_bytes)
+    def from_cache(label: str, assignment: dict[str, str]) -> dict[str, Any]:
+        """An assignment's weights from the cache (a layer database's: the independent solution), on the test split."""
+        t0 = time.perf_counter()
+        cache.apply(units, assignment)
+        try:
+            row = scored(label, model)
+        finally:
+            cache.restore()
+        bits, nbytes = size(assignment)
+        return {**row, "bits_per_weight": bits, "size_bytes": nbytes, "seconds": time.perf_counter() - t0}
 
-    uniform = [c for c in space.choices if fits(space.uniform(c, units))]
+    # with a layer database: the best plans solved sequentially too; the better solution on validation is kept
+    solutions = [{**t, "solution": "independent"} if db is not None else t for t in top]
+    sequential = []
+    for t in (sorted(top, key=order)[: args.sequential_top] if db is not None else []):
+        say(args, f"solving trial {t['number']}'s plan sequentially ({len(calib)} calibration windows)")
+        t0 = time.perf_counter()
+        with quantized_copy(model, Plan.from_dict(t["plan"]), calibration=calib, device=device, batch_size=batch) as (m, _):
+            v = {"rescore_ppl": perplexity(m, rescore, batch_size=batch).ppl}
+            if config.objective == "acc":
+                table = scorer(wider)(m)
+                v["rescore_acc"], v["rescore_tasks"] = mean_accuracy(table, config.task_metric), task_summary(table)
+            elif config.min_acc is not None:
+                v["acc"] = mean_accuracy(scorer(config.task_limit)(m), config.task_metric)
+                v["feasible"] = config.loss(v["rescore_ppl"], v["acc"])[1]
+            row = {**scored("best searched plan, sequential", m), "bits_per_weight": t["bits_per_weight"],
+                   "size_bytes": t["size_bytes"]}
+        row["seconds"] = time.perf_counter() - t0
+        sequential.append({"number": t["number"], "independent_rescore_ppl": t["rescore_ppl"], **v, "test": row})
+        solutions.append({**t, **v, "solution": "sequential", "test_row": row})
+    best = min(solutions, key=order)
+    best_plan = Plan.from_dict(best["plan"])
+    _save_best_plan(run_dir / "best_plan.yaml", best_plan, best.get("solution", ""), key, args)
+    if args.export_seed_files:
+        export_seed_files(args.export_seed_files, space, model,
+                          [best["assignment"]] + [t["assignment"] for t in top if t is not best])
+
+    uniform = [c for c in space.choices if config.budget_ok(*size({u.name: c for u in units}))]
     rows = [final("base (16-bit)", Plan())]
     for name in ("int8", "int4-g128"):
         try:
             rows.append(final(f"{name} uniform", Plan.uniform(name)))
         except PlanError:  # a format this model's rows cannot take (e.g. groups wider than a row)
             pass
-    top_uniform = max(uniform, key=lambda c: space.uniform(c, units).bits(model)) if uniform else None
+    top_uniform = max(uniform, key=lambda c: size({u.name: c for u in units})[1]) if uniform else None
+    independent = " (independent, layer database)" if db is not None else ""
     if top_uniform is not None:
-        rows.append(final(f"heuristic: largest uniform that fits ({top_uniform})", space.uniform(top_uniform, units)))
-    scored = {name: rank(t) for t in trials if "start" in t for name in t["start"].split(" = ")}
-    best_uniform = min(uniform, key=lambda c: scored.get(f"uniform {c}", (True, float("inf")))) if uniform else None
+        a = {u.name: top_uniform for u in units}
+        rows.append(from_cache(f"heuristic: largest uniform that fits ({top_uniform}){independent}", a))
+        if db is not None and args.sequential_top:
+            rows.append(final(f"heuristic: largest uniform that fits ({top_uniform}), sequential", space.plan(units, a), calib))
+    scored_starts = {name: rank(t) for t in trials if "start" in t for name in t["start"].split(" = ")}
+    best_uniform = min(uniform, key=lambda c: scored_starts.get(f"uniform {c}", (True, float("inf")))) if uniform else None
     by = "scoring accuracy" if config.objective == "acc" else "validation ppl"
     if config.min_acc is not None:
         by += f" with acc ≥ {config.min_acc}"
-    if (best_uniform is not None and best_uniform != top_uniform and f"uniform {best_uniform}" in scored
-            and not scored[f"uniform {best_uniform}"][0]):  # [0]: below --min-acc
-        rows.append(final(f"best uniform that fits, by {by} ({best_uniform})", space.uniform(best_uniform, units)))
+    if (best_uniform is not None and best_uniform != top_uniform and f"uniform {best_uniform}" in scored_starts
+            and not scored_starts[f"uniform {best_uniform}"][0]):  # [0]: below --min-acc
+        rows.append(from_cache(f"best uniform that fits, by {by} ({best_uniform}){independent}",
+                               {u.name: best_uniform for u in units}))
     if guided:  # the first guided start, as the search began from it
-        rows.append(final(f"start: {guided[0].label}", space.plan(units, guided[0].assignment)))
-    rows.append(final("best searched plan", best_plan))
-    solver = args.solver
-    if solver is not None and solver != space.solver:  # the best plan (and the uniform one it beats) re-solved
-        opts = solver_options(args)
-        plans = [("best searched plan", best_plan)]
-        if top_uniform is not None:
-            plans.append((f"{top_uniform} uniform", space.uniform(top_uniform, units)))
-        plans = [(label, p.with_solver(solver, opts)) for label, p in plans]
-        calib = calibration(args, loaded, [p for _, p in plans])
-        described = " ".join([solver, *(f"{k}={v}" for k, v in opts.items())])
-        for label, p in plans:
-            say(args, f"re-solving {label} with {described}")
-            rows.append(final(f"{label}, re-solved with {described}", p, calib))
+        rows.append(from_cache(f"start: {guided[0].label}", guided[0].assignment))
+    if db is None:
+        rows.append(final("best searched plan", best_plan))
+    else:
+        chosen = {"independent": "", "sequential": ""}
+        chosen[best["solution"]] = " (kept: better on validation)"
+        rows.append(from_cache(f"best searched plan, independent (layer database){chosen['independent']}",
+                               best["assignment"]))
+        seq = next((s["test"] for s in sequential if s["number"] == best["number"]), None)
+        if seq is not None:
+            rows.append({**seq, "label": seq["label"] + chosen["sequential"]})
     if config.objective == "pareto":
         front = pareto_front(trials)
         (run_dir / "pareto_front.json").write_text(json.dumps(front, indent=2))
         step = max(1, len(front) // 6)  # at most about six points of the front on the test split
         for t in front[::step]:
-            rows.append(final(f"front: {t['bits_per_weight']:.3f} bits/weight", Plan.from_dict(t["plan"])))
+            rows.append(from_cache(f"front: {t['bits_per_weight']:.3f} bits/weight{independent}", t["assignment"]))
     budget = " and ".join(x for x in (f"≤ {config.max_bits} bits/weight" if config.max_bits else "",
                                       f"≤ {config.max_size:,} bytes" if config.max_size else "") if x)
     proposed = [t for t in trials if t["source"] != "initial"]
     subset = "all examples" if config.task_limit is None else f"the first {config.task_limit} examples"
     final_subset = "all examples" if args.final_task_limit is None else f"the first {args.final_task_limit} examples"
+    solvers = sorted({space.spec(c).solver for c in space.choices})
+    if db is None:
+        solver_note = f"{', '.join(solvers)} for every trial and for the final plans (cached per layer and choice)"
+    else:
+        solver_note = (f"{', '.join(solvers)} (each choice's); every trial reads the layer database {db.path} "
+                       f"({len(db)} entries, each layer solved alone on the base model's inputs: "
+                       f"{key.calibration.nsamples} × {key.calibration.seqlen} calibration windows); the best "
+                       f"{len(sequential)} plans also solved sequentially, the better solution on validation kept "
+                       f"({best['solution']})")
+    best_record = {k: v for k, v in best.items() if k != "test_row"}
     report = {"model": args.model, "backend": args.backend, "budget": budget or "none (Pareto front)", "rows": rows,
               "dtype": dtype,
               "space": space.to_dict(), "units": len(units),
@@ -263,10 +325,16 @@ def run(args: argparse.Namespace) -> int:
                           **({"feasible": t["feasible"]} if "feasible" in t else {})} for t in trials if "start" in t],
               "requantize": {"trials": len(timed), "requantize_seconds": requantize_s, "cached_seconds": cached_s,
                              "load_seconds": load_seconds},
-              "solver_note": f"{space.solver} for every trial and for the final plans (cached per layer and choice)"
-                             + (f"; rows marked 're-solved' use {solver}" if solver and solver != space.solver else ""),
+              "solver_note": solver_note,
               "search_versions": versions("ax-platform", "botorch", "optuna"),
-              "best": best, "provenance": provenance_record(args, identity, device)}
+              "best": best_record, "provenance": provenance_record(args, identity, device)}
+    if db is not None:
+        solve_s = sum(db.entry(n, s).seconds for n, s in best_plan.resolve(model).items() if db.entry(n, s))
+        report["database"] = {"path": str(db.path), "entries": len(db), "disk_bytes": db.disk_bytes(),
+                              "built": build.built, "build_seconds": build.seconds, "key": key.to_dict(),
+                              "best_plan_solve_seconds": solve_s}
+        report["sequential"] = sequential
+        report["reproduce"] = _reproduce(best["solution"], key, args)
     if tasks:
         rescored = (f"; the best {len(top)} re-scored on up to the first {wider} examples, the best plan chosen on those"
                     if config.objective == "acc" and wider else "")
@@ -284,3 +352,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(solution: str, key: Any, args: argparse.Namespace) -> str:
+    """The command that quantizes the best plan as the search evaluated it."""
+    mode = " --calibration-mode independent" if solution == "independent" else ""
+    return (f"mixq quantize --model {args.model} --plan {Path(args.run_dir) / 'best_plan.yaml'} --out OUT{mode} "
+            f"{key.calibration.flags()} --dtype {key.dtype}")
+
+
+def _save_best_plan(path: Path, plan: Any, solution: str, key: Any, args: argparse.Namespace) -> None:
+    """The plan file; with a layer database, a header saying which solution it is and how to reproduce it."""
+    if key is None:
+        plan.save(path)
+        return
+    how = ("independent: each layer solved alone on the base model's calibration inputs (the layer database's "
+           "solution)" if solution == "independent" else
+           "sequential: each block solved on the outputs of the quantized blocks before it")
+    path.write_text(f"# solution: {how}\n# reproduce: {_reproduce(solution, key, args)}\n" + plan.to_yaml())

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mixq.commands.common import add_cluster_options, add_shared, cluster_of, provenance_record, say, setup_run
+from mixq.commands.common import (Run, add_cluster_options, add_shared, cluster_of, provenance_record, say, setup_run,
+                                  solver_options)
 from mixq.errors import MixqError
 
 NAME = "sensitivity"
@@ -17,7 +18,13 @@ NAME = "sensitivity"
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     sn = subparsers.add_parser("sensitivity", help="per-layer Hessian trace, Fisher trace (FIT) and measured KL")
     sn.add_argument("--method", default="fit", help="comma-separated: hessian, fit, measured")
-    sn.add_argument("--formats", default="int4-g128,int3-g128", help="formats for FIT scores and measured KL")
+    sn.add_argument("--formats", default="int4-g128,int3-g128",
+                    help="formats (or search-space choices such as int3-g64:quantease) for FIT scores and measured KL; "
+                         "--solver and its options serve those that name no solver")
+    sn.add_argument("--db", default=None, metavar="DIR",
+                    help="layer database the quantized weights come from (needed by choices whose solver needs "
+                         "calibration); it keeps its own calibration set (built where it lacks entries), while "
+                         "--nsamples and --seqlen choose the windows the scores are measured on")
     sn.add_argument("--out", required=True, help="sens.json (a .csv and a .png are written beside it)")
     sn.add_argument("--max-iter", type=int, default=100, help="Hutchinson probes at most")
     sn.add_argument("--tol", type=float, default=1e-2, help="stop once every stderr < tol x |trace|")
@@ -32,11 +39,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return sn
 
 
-
 def run(args: argparse.Namespace) -> int:
     from mixq.data import model_windows, tensor_sha256
-    from mixq.formats import parse_format
     from mixq.models import load_model, matrix_by_name, quantizable_matrices
+    from mixq.search.space import choice_name, parse_choice
     from mixq.plan import Plan
     from mixq.sensitivity import analysis
 
@@ -44,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in analysis.METHODS]
     if unknown or not methods:
         raise MixqError(f"unknown sensitivity method {', '.join(unknown) or '(none)'} (one of {', '.join(analysis.METHODS)})")
-    formats = [parse_format(f).name for f in args.formats.split(",") if f.strip()]
+    opts = solver_options(args)
+    formats = [choice_name(f.strip(), args.solver or "rtn", opts) for f in _split_choices(args.formats)]
+    specs = {f: parse_choice(f, args.solver or "rtn", opts) for f in formats}
     run_ = setup_run(args)
     device, dtype, batch = run_.device, run_.dtype, run_.batch_size
     cluster = cluster_of(args, device)
@@ -64,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
         raise MixqError("the model has no quantizable layer")
     win = model_windows(model, loaded.tokenizer, args.calib_dataset, args.calib_split, args.seqlen, root=args.data_dir,
                         nsamples=args.nsamples, seed=args.seed)
+    weights, key = _choice_weights(args, loaded, layers, specs, dtype, run_)
+    if cluster is not None and weights is not None and "measured" in methods:
+        raise MixqError("--workers measures KL of plain formats (RTN); choices with a solver or --db run in one process")
     out = Path(args.out)
     # the resume key: every input of the scores, the calibration windows by their hash
     meta = {"model": args.model, "sha256": loaded.identity()["sha256"], "nsamples": args.nsamples, "seqlen": args.seqlen,
@@ -71,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
                                                                   "windows_sha256": tensor_sha256(win)},
             "dtype": dtype, "hessian": {"max_iter": args.max_iter, "tol": args.tol, "per_layer": args.per_layer or bool(cluster),
                                         "probe_windows": args.probe_windows, "max_time": args.max_time,
-                                        **({"seeds": "seed + layer index"} if cluster else {})}}
+                                        **({"seeds": "seed + layer index"} if cluster else {})},
+            "choices": {f: spec.to_dict() for f, spec in specs.items()},
+            "database": None if key is None else key.to_dict()}
     sens: dict[str, Any] = {}
     if out.is_file():  # resume: keep what a previous run with the same settings finished
         old = json.loads(out.read_text())
@@ -80,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
             say(args, f"resuming {out}: {', '.join(old.get('methods_done', []))} already done")
     if not sens:
         rep = Plan().size_report(model)
-        sens = {"meta": meta, "methods_done": [], "layers": analysis.geometry(model, layers, formats),
+        sens = {"meta": meta, "methods_done": [], "choices": meta["choices"],
+                "layers": analysis.geometry(model, layers, formats, specs=specs, weights=weights),
                 "other_bits": rep.other_bits - sum(matrix_by_name(model, n).numel * 16 for n in layers),
                 "provenance": provenance_record(args, loaded.identity(), device)}
     timings = sens.setdefault("seconds", {})
@@ -104,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             for n, d in res.items():
                 d["score"] = {f: d["per_param"] * sens["layers"][n]["noise"][f] for f in formats}
         else:
-            res = analysis.measured(model, win, layers, formats, batch_size=batch)
+            res = analysis.measured(model, win, layers, formats, batch_size=batch, weights=weights)
         timings[m] = time.perf_counter() - start
         for n, d in res.items():
             sens["layers"][n][m] = d
@@ -132,6 +146,44 @@ def _distributed(args: argparse.Namespace, method: str, cluster: Any, dtype: str
     per_layer = None if args.max_time is None else args.max_time * cluster.workers / len(layers)
     return distributed.hessian(spec, win, layers, max_iter=args.max_iter, tol=args.tol, batch_size=batch, seed=args.seed,
                                cluster=cluster, max_seconds=per_layer, probe_windows=args.probe_windows, progress=tick)
+
+
+def _split_choices(text: str) -> list[str]:
+    """Comma-separated choices; a choice's own options (``int3:quantease:outliers=0.01,structured=true``) stay with it."""
+    out: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if out and "=" in part and ":" not in part:
+            out[-1] += "," + part  # another option of the choice before
+        elif part:
+            out.append(part)
+    return out
+
+
+def _choice_weights(args: argparse.Namespace, loaded: Any, layers: list[str], specs: dict[str, Any], dtype: str,
+                    run: Any) -> tuple[Any, Any]:
+    """(the quantized weight of each (layer, choice), the layer database's key): RTN of the format
+    (None, None) for plain formats without --db, else a weight cache over the database."""
+    from mixq.commands.database import ensure_entries, open_recorded
+    from mixq.plan import LayerSpec
+    from mixq.search.cache import WeightCache
+    from mixq.solvers import get_solver
+
+    if args.db is None:
+        if all(spec == LayerSpec.of(f) for f, spec in specs.items()):
+            return None, None
+        calibrated = [f for f, spec in specs.items() if get_solver(spec.solver).needs_calibration]
+        if calibrated:
+            raise MixqError(f"choice {calibrated[0]!r} is solved with calibration data: give --db DIR (a layer "
+                            "database, mixq database build)")
+        return WeightCache(loaded.model, layers, list(specs), lambda _n, c: specs[c]).weight, None
+    db, windows = open_recorded(args.db, loaded, dtype, args.data_dir)
+    from mixq.models import transformer_blocks
+
+    prefix = transformer_blocks(loaded.model)[0] + "."
+    pairs = [(n, spec) for n in layers if n.startswith(prefix) for spec in specs.values()]
+    batch = Run(run.device, run.dtype, db.key.calibration.batch_size, run.seed)  # the database's summation order
+    ensure_entries(args, loaded.model, db, pairs, windows, batch)
+    return WeightCache(loaded.model, layers, list(specs), lambda _n, c: specs[c], database=db).weight, db.key
 
 
 def _primary(d: dict[str, Any], m: str, f: str) -> float:

@@ -1,5 +1,8 @@
 """The search loop: propose, check the size budget, swap cached weights in, score, store.
 
+A trial's score is a function of the model, the weight cache and the assignment alone
+(``score_assignment``): the cache holds RTN weights or a layer database's solutions.
+
 Every finished trial goes at once to the Optuna study (SQLite, ``study.db``) and to
 ``trials.jsonl`` (one JSON object per line) in the run directory; ``--resume`` reloads
 both and carries on, losing at most the trial in flight.  Named starts (uniform plans,
@@ -157,7 +160,8 @@ def best_postfix(best: dict[str, Any], config: SearchConfig) -> dict[str, str]:
 
 def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, config: SearchConfig, run_dir: Path, *,
                meta: dict[str, Any], resume: bool = False, initial: list[Start] | None = None,
-               progress: bool = True, zero_shot: ZeroShot | None = None) -> list[dict[str, Any]]:
+               progress: bool = True, zero_shot: ZeroShot | None = None,
+               cache: WeightCache | None = None) -> list[dict[str, Any]]:
     """Run (or resume) a study; returns every finished trial record.
 
     ``initial`` trials come first (repaired if over budget, each assignment once); their
@@ -165,12 +169,14 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
     set, ``zero_shot(model)`` (an ``evaluate_tasks`` table on the fixed subset, see
     ``objective.zero_shot_scorer``) scores them in every trial: the record gets ``acc`` (the
     mean of ``config.task_metric``) and ``tasks`` (per task), and under ``config.min_acc``
-    ``feasible``.  ``loss`` is the value told to the backend."""
+    ``feasible``.  ``loss`` is the value told to the backend.  Trials take their weights from
+    ``cache`` (default: ``WeightCache.for_space`` without a layer database, which serves
+    data-free solvers only)."""
     if config.tasks and zero_shot is None:
         raise MixqError("the search scores zero-shot tasks but was given no zero-shot scorer")
     study = open_study(model, space, config, run_dir, meta=meta, resume=resume, initial=initial)
     units, done, proposer, queue = study.units, study.done, study.proposer, study.queue
-    cache = WeightCache.for_space(model, space, units)
+    cache = cache if cache is not None else WeightCache.for_space(model, space, units)
     best = min(done, key=rank, default=None)
     bar = tqdm(total=config.trials, initial=len(done), desc="search", disable=not progress)
     try:

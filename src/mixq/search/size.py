@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from mixq.errors import PlanError
-from mixq.formats import parse_format
+from mixq.layers import stored_bits
 from mixq.models import matrix_by_name
 from mixq.search.backends import Budget
 from mixq.search.config import SearchConfig
@@ -18,7 +18,8 @@ from mixq.search.space import SearchSpace, Unit
 
 
 def cost_order(space: SearchSpace, shape: tuple[int, int]) -> list[str]:
-    return sorted(space.choices, key=lambda c: parse_format(space.cost_format(c)).bits_per_weight(shape))
+    """The choices from the cheapest to the dearest on a weight of ``shape`` (the solvers' extra bits counted)."""
+    return sorted(space.choices, key=lambda c: stored_bits(space.cost_spec(c), shape))
 
 
 def unit_orders(space: SearchSpace, units: list[Unit]) -> dict[str, list[str]]:
@@ -68,15 +69,12 @@ def repair(space: SearchSpace, units: list[Unit], assignment: dict[str, str], fi
 
 class SizeModel:
     """Exact bits/weight and bytes of any assignment, by summing per-(layer, choice) bits
-    computed once (the same counts as ``Plan.size_report``, without building a plan)."""
+    computed once (the same counts as ``Plan.size_report``, without building a plan): codes,
+    group parameters and what each choice's solver stores beside them (outliers)."""
 
     def __init__(self, space: SearchSpace, units: list[Unit], model: nn.Module) -> None:
-        from mixq.solvers import get_solver
-
         first = {u.name: space.choices[0] for u in units}
         rep = space.plan(units, first).size_report(model)
-        solver = get_solver(space.solver)
-        opts = solver.options({})
         self.units = units
         self.bits: dict[tuple[str, str], int] = {}
         self.params = {u.name: sum(matrix_by_name(model, n).numel for n in u.layers) for u in units}
@@ -85,8 +83,7 @@ class SizeModel:
                 total = 0
                 for layer in u.layers:
                     m = matrix_by_name(model, layer)
-                    fmt = parse_format(space.format_of(layer, c))
-                    total += (fmt.storage_bits(m.shape) + solver.extra_bits(opts, m.shape)) * m.count
+                    total += stored_bits(space.spec_of(layer, c), m.shape) * m.count
                 self.bits[(u.name, c)] = total
         searched = sum(self.bits[(u.name, first[u.name])] for u in units)
         self.fixed_bits = rep.quantized_bits - searched  # pinned layers

@@ -27,7 +27,7 @@ class Store:
                 raise MixqError(f"--resume: {self.dir} holds no study (no config.json)")
             old = json.loads(path.read_text())
             for key in ("model_sha256", "space", "objective", "max_bits", "max_size", "seqlen", "limit", "tasks",
-                        "task_limit", "task_metric", "min_acc"):
+                        "task_limit", "task_metric", "min_acc", "database"):
                 if old.get(key) != meta.get(key):
                     raise MixqError(f"--resume: {self.dir} was made with another {key} "
                                     f"({old.get(key)!r}, now {meta.get(key)!r}); use a new --run-dir")

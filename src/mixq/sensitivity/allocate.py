@@ -42,22 +42,24 @@ def layer_costs(sens: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def unit_costs(sens: dict[str, Any], units: Mapping[str, Sequence[str]],
-               choices: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+def unit_costs(sens: dict[str, Any], units: Mapping[str, Sequence[str]], choices: Sequence[str] | None = None,
+               names: Mapping[str, str] | None = None) -> dict[str, dict[str, float]]:
     """Predicted damage of each (unit, choice): the sum over the unit's layers, for the
-    choices every one of its layers was scored at (restricted to ``choices`` if given)."""
+    choices every one of its layers was scored at (restricted to ``choices`` if given);
+    ``names`` maps a choice to the name the file scored it under, where they differ."""
     per_layer = layer_costs(sens)
+    names = names or {}
     out = {}
     for u, layers in units.items():
         missing = [n for n in layers if n not in per_layer]
         if missing:
             raise MixqError(f"the sensitivity file has no layer {missing[0]!r} (made for another model?)")
         scored = set.intersection(*(set(per_layer[n]) for n in layers))
-        keep = [c for c in (choices if choices is not None else sorted(scored)) if c in scored]
+        keep = [c for c in (choices if choices is not None else sorted(scored)) if names.get(c, c) in scored]
         if not keep:
             raise MixqError(f"the sensitivity file scores none of the choices ({', '.join(choices or [])}) "
                             f"for {u!r}; it has {', '.join(sorted(scored))}")
-        out[u] = {c: sum(per_layer[n][c] for n in layers) for c in keep}
+        out[u] = {c: sum(per_layer[n][names.get(c, c)] for n in layers) for c in keep}
     return out
 
 
@@ -157,5 +159,15 @@ def allocate(sens: dict[str, Any], *, max_bits: float | None = None, max_size: i
     return allocate_units(costs, {n: d["bits"] for n, d in layers.items()}, limit, jitter=jitter, seed=seed)
 
 
-def plan_of(choice: dict[str, str], solver: str = "rtn") -> Plan:
-    return Plan(tuple((n, LayerSpec.of(f, solver)) for n, f in choice.items()))
+def choice_specs(sens: dict[str, Any]) -> dict[str, LayerSpec]:
+    """The spec each scored choice stands for: recorded under ``choices`` by ``mixq sensitivity``
+    (files without it scored formats with RTN)."""
+    if "choices" in sens:
+        return {c: LayerSpec.from_dict(d, f"sensitivity file choice {c!r}") for c, d in sens["choices"].items()}
+    names = dict.fromkeys(f for d in sens["layers"].values() for f in d["bits"])
+    return {f: LayerSpec.of(f) for f in names}
+
+
+def plan_of(choice: dict[str, str], specs: Mapping[str, LayerSpec] | None = None) -> Plan:
+    """The per-layer plan of an allocation (``specs``: each choice's spec; default: the format with RTN)."""
+    return Plan(tuple((n, specs[f] if specs is not None else LayerSpec.of(f)) for n, f in choice.items()))

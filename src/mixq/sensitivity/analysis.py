@@ -8,7 +8,7 @@ parameter's elements, so no transpose needs undoing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -16,7 +16,9 @@ from torch import Tensor, nn
 
 from mixq.errors import MixqError
 from mixq.formats import parse_format
+from mixq.layers import read_weight, stored_bits, write_weight
 from mixq.models import each_matrix, matrix_by_name
+from mixq.plan import LayerSpec
 from mixq.sensitivity.estimators import fisher_trace, hutchinson_trace, shifted_nll
 
 METHODS = ("hessian", "fit", "measured")
@@ -67,14 +69,18 @@ def fisher(model: nn.Module, windows: Tensor, layers: list[str]) -> dict[str, di
 LOG_PROB_BYTES = 2**31  # base log-probabilities held at once by ``measured`` (2 GiB)
 
 
+Weights = Callable[[str, str], Tensor]  # (layer, choice) -> its quantized weight, in the model's dtype and device
+
+
 @torch.no_grad()
 def measured(model: nn.Module, windows: Tensor, layers: list[str], formats: list[str], *,
-             batch_size: int, memory_bytes: int = LOG_PROB_BYTES) -> dict[str, dict[str, float]]:
-    """KL(base ‖ model with only this layer quantized), mean per token, for each format.
+             batch_size: int, memory_bytes: int = LOG_PROB_BYTES, weights: Weights | None = None) -> dict[str, dict[str, float]]:
+    """KL(base ‖ model with only this layer quantized), mean per token, for each format (choice).
 
     The windows go in chunks whose base log-probabilities fit ``memory_bytes`` (at the default
     128 × 2048 windows of a 49k vocabulary, all of them would take 51.5 GB); each chunk is
-    scored under every (layer, format), the quantized weight recomputed per chunk."""
+    scored under every (layer, format), the quantized weight taken from ``weights`` (default:
+    RTN of the format, recomputed per chunk; a layer database's solutions for calibrated choices)."""
     from mixq.evaluate import kl_sum, log_probs
 
     dev = _device(model)
@@ -86,32 +92,34 @@ def measured(model: nn.Module, windows: Tensor, layers: list[str], formats: list
         batches = [windows[i : i + batch_size].to(dev) for i in range(c, min(c + chunk, len(windows)), batch_size)]
         base = [log_probs(model, b) for b in batches]
         for n in layers:
-            matrix = matrix_by_name(model, n)
-            original = matrix.get().clone()
+            original = read_weight(model, n).clone()
+            fmt_of = {f: parse_format(f) for f in formats}
             for f in formats:
-                matrix.set(each_matrix(original, parse_format(f).fake_quantize))
+                write_weight(model, n, each_matrix(original, fmt_of[f].fake_quantize) if weights is None else weights(n, f))
                 for b, p in zip(batches, base):
                     totals[n][f] += kl_sum(p, model, b)
-            matrix.set(original)
+            write_weight(model, n, original)
         del base
     return {n: {f: float(t) / windows.numel() for f, t in d.items()} for n, d in totals.items()}
 
 
 @torch.no_grad()
-def geometry(model: nn.Module, layers: list[str], formats: list[str]) -> dict[str, dict[str, Any]]:
-    """Per layer: parameter count, exact stored bits and squared quantization error of each format."""
+def geometry(model: nn.Module, layers: list[str], formats: list[str], *, specs: Mapping[str, LayerSpec] | None = None,
+             weights: Weights | None = None) -> dict[str, dict[str, Any]]:
+    """Per layer: parameter count, exact stored bits and squared quantization error of each
+    format, or of each choice given its ``specs`` (the solvers' extra bits counted) and ``weights``."""
     out = {}
     for n in layers:
         matrix = matrix_by_name(model, n)
         w = matrix.get().detach().float()
         out[n] = {"params": w.numel(), "bits": {}, "noise": {}}
         for f in formats:
-            fmt = parse_format(f)
             try:
-                out[n]["bits"][f] = fmt.storage_bits(matrix.shape) * matrix.count
+                out[n]["bits"][f] = stored_bits(specs[f] if specs is not None else LayerSpec.of(f), matrix.shape) * matrix.count
             except MixqError as e:
                 raise MixqError(f"layer {n!r}: {e}") from None
-            out[n]["noise"][f] = float((each_matrix(w, fmt.fake_quantize) - w).pow(2).sum())
+            approx = each_matrix(w, parse_format(f).fake_quantize) if weights is None else weights(n, f).float()
+            out[n]["noise"][f] = float((approx - w).pow(2).sum())
     return out
 
 
