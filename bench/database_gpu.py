@@ -58,6 +58,7 @@ def main() -> int:
     ap.add_argument("--tpe-trials", type=int, default=300)
     ap.add_argument("--ax-trials", type=int, default=60)
     ap.add_argument("--starts", type=int, default=4, help="guided starts per study")
+    ap.add_argument("--sequential-top", type=int, default=2, help="best plans of each study also solved sequentially")
     ap.add_argument("--front-formats", default=FRONT_FORMATS)
     ap.add_argument("--front-solvers", default="rtn,gptq,quantease")
     ap.add_argument("--nsamples", type=int, default=128, help="calibration windows (database, sequential solves)")
@@ -73,6 +74,7 @@ def main() -> int:
     out = args.out.resolve()
     work = (args.work or out / "work").resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     log = (out / "database_log.txt").open("w")
     start = time.time()
 
@@ -157,7 +159,7 @@ def main() -> int:
             trials = args.tpe_trials if backend != "ax" else args.ax_trials
             studies[name] = (budget, backend, mixq(
                 name, "search", *m, "--space", args.space, "--db", str(db), "--backend", backend, "--trials", str(trials),
-                *flag, "--sens", str(sens), "--starts", str(args.starts), "--limit", str(args.limit), *final, *data,
+                *flag, "--sens", str(sens), "--starts", str(args.starts), "--sequential-top", str(args.sequential_top), "--limit", str(args.limit), *final, *data,
                 *calib, *device, "--run-dir", str(work / name), "--json",
                 threads=max(1, cores // (len(budgets) * len(backends)))))
     done = {name: (b, k) for name, (b, k, proc) in studies.items() if wait(name, proc)}

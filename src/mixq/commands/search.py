@@ -23,10 +23,27 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                                    "file; default: block granularity, int2..int8; --solver and its options "
                                                    "set the solver of the choices that name none")
     se.add_argument("--profile", default=None, help="a mixq profile file: the fraction widths of a fraction: profile space")
-    se.add_argument("--objective", default="ppl", choices=["ppl", "pareto", "acc"],
+    se.add_argument("--objective", default="ppl", choices=["ppl", "pareto", "acc", "throughput"],
                     help="ppl: lowest perplexity on validation windows within the budget (with --min-acc: among plans "
-                         "accurate enough); pareto: the perplexity/size front; acc: highest mean zero-shot accuracy over "
-                         "--tasks within the budget")
+                         "accurate enough); pareto: the perplexity/size (or --pareto-over latency) front; acc: highest "
+                         "mean zero-shot accuracy over --tasks within the budget; throughput: the fastest plan (decode "
+                         "time predicted by --latency-table) whose validation perplexity is at most --max-ppl")
+    se.add_argument("--max-ppl", type=float, default=None, metavar="X",
+                    help="with --objective throughput: the perplexity bound on the scoring windows")
+    se.add_argument("--pareto-over", default="size", choices=["size", "latency"],
+                    help="with --objective pareto: the second objective, model size or predicted decode time")
+    lat = se.add_argument_group("latency model (--objective throughput, --pareto-over latency)")
+    lat.add_argument("--latency-table", default=None, metavar="JSON",
+                     help="per-layer latencies measured by bench/speed.py (e.g. bench/results/speed_smollm2_h200/"
+                          "latency_table.json): the search predicts decode time on the GPU they were measured on")
+    lat.add_argument("--latency-device", default=None, help="which device of the table (default: its only one)")
+    lat.add_argument("--latency-model", default=None,
+                     help="the table's name for the rest of the model (default: --model, e.g. smollm2-135m)")
+    lat.add_argument("--latency-batch", type=int, default=1, help="decode batch the prediction is for (default 1)")
+    lat.add_argument("--kernel-backend", default="auto", help="kernels the prediction assumes (auto, torchao, gemlite)")
+    lat.add_argument("--measure-speed", action="store_true",
+                     help="on CUDA: measure the decode speed of the base, the best plan and the uniform plans of the "
+                          "final table end to end (mixq.runtime)")
     se.add_argument("--tasks", default=None,
                     help="comma-separated zero-shot tasks (arc_easy, piqa, lambada_openai, copa, openbook_qa, siqa from "
                          "the data directory, or lm-eval task names), scored in every trial on the first --task-limit "
@@ -91,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
 
     run_ = setup_run(args)
     device, dtype, batch = run_.device, run_.dtype, run_.batch_size
-    if args.max_size is None and args.max_bits is None and args.objective != "pareto":
-        raise MixqError("give a budget: --max-size or --max-bits (or --objective pareto)")
+    if args.max_size is None and args.max_bits is None and args.objective not in ("pareto", "throughput"):
+        raise MixqError("give a budget: --max-size or --max-bits (or --objective pareto or throughput)")
     if args.trials < 1:
         raise MixqError(f"--trials must be positive, got {args.trials}")
     if args.final_task_limit is not None and args.final_task_limit < 1:
@@ -105,7 +122,11 @@ def run(args: argparse.Namespace) -> int:
     config = SearchConfig(backend=args.backend, trials=args.trials, max_bits=args.max_bits,
                           max_size=None if args.max_size is None else parse_size(args.max_size), seed=args.seed,
                           batch_size=batch, objective=args.objective, tasks=tasks, task_limit=args.task_limit,
-                          task_metric=args.task_metric, min_acc=args.min_acc)
+                          task_metric=args.task_metric, min_acc=args.min_acc, max_ppl=args.max_ppl,
+                          pareto_over=args.pareto_over)
+    if config.needs_latency and args.latency_table is None:
+        raise MixqError(f"--objective {args.objective}{' --pareto-over latency' if args.objective == 'pareto' else ''} "
+                        "predicts decode time: give --latency-table (measured by bench/speed.py)")
     if tasks:
         check_tasks(tasks, args.data_dir, config.task_metric)  # a missing task file is refused before the model loads
     given = read_space(args.space)
@@ -150,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
                                 add_bos=bos is not None, stderr=stderr)
 
     cache = WeightCache.for_space(model, space, units, database=db)
+    latency = _latency(args, model, space, units) if args.latency_table else None
     size = SizeModel(space, units, model)
     meta = {"model": args.model, "model_sha256": identity["sha256"], "space": space.to_dict(), **config.describe(),
             "max_bits": config.max_bits, "max_size": config.max_size, "seqlen": args.seqlen, "limit": limit,
@@ -165,15 +187,17 @@ def run(args: argparse.Namespace) -> int:
         from mixq.cluster import ModelSpec
         from mixq.search.distributed import ZeroShotSpec, run_distributed_search
 
-        if db is not None:
-            raise MixqError("--workers reads RTN weights on each worker; a layer database search runs in one process")
+        if db is not None or config.needs_latency:
+            raise MixqError("--workers reads RTN weights on each worker and scores perplexity or accuracy; a layer "
+                            "database search or a latency objective runs in one process")
         trials = run_distributed_search(
             model, space, score, config, run_dir, spec=ModelSpec(args.model, dtype, cluster.device), cluster=cluster,
             meta=meta, resume=args.resume, initial=initial, progress=not args.json,
             zero_shot=ZeroShotSpec(args.data_dir, task_batch) if tasks else None)
     else:
         trials = run_search(model, space, score, config, run_dir, meta=meta, resume=args.resume, initial=initial,
-                            progress=not args.json, zero_shot=scorer(config.task_limit) if tasks else None, cache=cache)
+                            progress=not args.json, zero_shot=scorer(config.task_limit) if tasks else None, cache=cache,
+                            latency=latency)
     # multi-fidelity: re-score the best few on more windows (accuracy: on more task examples), then the final table
     top = sorted({json.dumps(t["assignment"], sort_keys=True): t for t in trials}.values(), key=rank)[:config.rescore_top]
     wider = None if config.task_limit is None else RESCORE_FACTOR * config.task_limit
@@ -197,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
     def order(t: dict[str, Any]) -> tuple:  # the better solution first: on the re-scoring windows (or task examples)
         if config.objective == "acc":
             return (-t["rescore_acc"], -t["acc"], t["bits_per_weight"])
+        if config.objective == "throughput":  # within the bound on the re-scoring windows, then the fastest
+            return (t["rescore_ppl"] > config.max_ppl, t["predicted_s"], t["rescore_ppl"])
         return (not feasible(t), t["rescore_ppl"])  # the trials meeting --min-acc first
 
     final_tasks = scorer(args.final_task_limit, stderr=True) if tasks else None
@@ -226,6 +252,8 @@ def run(args: argparse.Namespace) -> int:
         finally:
             cache.restore()
         bits, nbytes = size(assignment)
+        if latency is not None:
+            row["predicted_tokens_per_s"] = 1.0 / latency.predict(assignment)
         return {**row, "bits_per_weight": bits, "size_bytes": nbytes, "seconds": time.perf_counter() - t0}
 
     # with a layer database: the best plans solved sequentially too; the better solution on validation is kept
@@ -290,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
         if seq is not None:
             rows.append({**seq, "label": seq["label"] + chosen["sequential"]})
     if config.objective == "pareto":
-        front = pareto_front(trials)
+        front = pareto_front(trials, config.pareto_over)
         (run_dir / "pareto_front.json").write_text(json.dumps(front, indent=2))
         step = max(1, len(front) // 6)  # at most about six points of the front on the test split
         for t in front[::step]:
@@ -300,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
     proposed = [t for t in trials if t["source"] != "initial"]
     subset = "all examples" if config.task_limit is None else f"the first {config.task_limit} examples"
     final_subset = "all examples" if args.final_task_limit is None else f"the first {args.final_task_limit} examples"
-    solvers = sorted({space.spec(c).solver for c in space.choices})
+    solvers = sorted({space.cost_spec(c).solver for c in space.choices})
     if db is None:
         solver_note = f"{', '.join(solvers)} for every trial and for the final plans (cached per layer and choice)"
     else:
@@ -328,6 +356,12 @@ def run(args: argparse.Namespace) -> int:
               "solver_note": solver_note,
               "search_versions": versions("ax-platform", "botorch", "optuna"),
               "best": best_record, "provenance": provenance_record(args, identity, device)}
+    if latency is not None:
+        report["latency"] = {"table": args.latency_table, "device": latency_device(args.latency_table, args.latency_device),
+                             "batch": args.latency_batch, "base_tokens_per_s": 1.0 / latency.base_seconds,
+                             "best_tokens_per_s": 1.0 / latency.predict(best["assignment"])}
+    if args.measure_speed:
+        report["speed"] = _measure_speed(args, model, rows, best_plan, space, units, say)
     if db is not None:
         solve_s = sum(db.entry(n, s).seconds for n, s in best_plan.resolve(model).items() if db.entry(n, s))
         report["database"] = {"path": str(db.path), "entries": len(db), "disk_bytes": db.disk_bytes(),
@@ -368,3 +402,49 @@ def _save_best_plan(path: Path, plan: Any, solution: str, key: Any, args: argpar
            "solution)" if solution == "independent" else
            "sequential: each block solved on the outputs of the quantized blocks before it")
     path.write_text(f"# solution: {how}\n# reproduce: {_reproduce(solution, key, args)}\n" + plan.to_yaml())
+
+
+def latency_device(path: str, device: str | None) -> str:
+    from mixq.runtime.latency import LatencyTable
+
+    return LatencyTable.load(path, device).device
+
+
+def _latency(args: argparse.Namespace, model: Any, space: Any, units: list[Any]) -> Any:
+    """The predicted decode seconds per token of an assignment, from the measured latency table."""
+    import torch
+
+    from mixq.plan import Plan
+    from mixq.runtime.latency import LatencyModel, LatencyTable, linear_shapes
+    from mixq.search.loop import Latency
+
+    if args.latency_batch < 1:
+        raise MixqError(f"--latency-batch must be positive, got {args.latency_batch}")
+    table = LatencyTable.load(args.latency_table, args.latency_device)
+    key = args.latency_model or args.model
+    # the kernels run in bf16 whatever dtype the search scores in
+    lm = LatencyModel(table, linear_shapes(model), key, args.latency_batch, args.kernel_backend, torch.bfloat16, model)
+    return Latency(lambda a: lm.predict(space.plan(units, a)), lm.predict(Plan()))
+
+
+def _measure_speed(args: argparse.Namespace, model: Any, rows: list[dict[str, Any]], best_plan: Any, space: Any,
+                   units: list[Any], say: Any) -> dict[str, Any]:
+    """Decode tokens/s at ``--latency-batch`` of the base, the best plan and uniform int8, measured on kernels (CUDA)."""
+    import copy
+
+    import torch
+
+    from mixq.plan import Plan
+    from mixq.runtime.speed import plan_speed
+
+    if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
+        raise MixqError("--measure-speed runs the plans on CUDA kernels: no CUDA model here")
+    out = {}
+    for label, plan in (("base", Plan()), ("int8 uniform", Plan.uniform("int8")), ("best searched plan", best_plan)):
+        say(args, f"measuring decode speed: {label}")
+        m = copy.deepcopy(model).to(torch.bfloat16)
+        r = plan_speed(m, plan, batches=(args.latency_batch,), prompt=32, steps=128, prefill=0, backend=args.kernel_backend)
+        out[label] = r
+        del m
+    return out
+

@@ -109,21 +109,39 @@ def vet_proposal(study: Study, space: SearchSpace, config: SearchConfig, assignm
     return assignment, handle, source
 
 
+@dataclass(frozen=True)
+class Latency:
+    """Predicted decode seconds per token of an assignment (``runtime.latency.LatencyModel``) and of the 16-bit model."""
+
+    predict: Callable[[dict[str, str]], float]
+    base_seconds: float
+
+
 def score_assignment(model: nn.Module, cache: WeightCache, units: list[Unit], assignment: dict[str, str],
-                     score_windows: Tensor, config: SearchConfig, zero_shot: ZeroShot | None) -> dict[str, Any]:
+                     score_windows: Tensor, config: SearchConfig, zero_shot: ZeroShot | None = None,
+                     latency: Latency | None = None) -> dict[str, Any]:
     """Swap the assignment's weights in and score it: ``ppl`` (with ``config.tasks``: ``acc``,
-    ``tasks``, ``task_seconds``), ``loss``, ``feasible`` (meets ``min_acc``), ``eval_seconds``."""
+    ``tasks``, ``task_seconds``; with ``latency``: ``predicted_s``, ``predicted_tokens_per_s``),
+    ``loss``, ``feasible`` (meets ``min_acc`` / ``max_ppl``), ``eval_seconds``."""
     t1 = time.perf_counter()
     cache.apply(units, assignment)
     ppl = perplexity(model, score_windows, batch_size=config.batch_size).ppl
     scores: dict[str, Any] = {"ppl": ppl}
     acc = None
     if config.tasks:
+        if zero_shot is None:
+            raise MixqError("the search scores zero-shot tasks but was given no zero-shot scorer")
         t2 = time.perf_counter()
-        table = zero_shot(model)  # type: ignore[misc]
+        table = zero_shot(model)
         acc = mean_accuracy(table, config.task_metric)
         scores.update({"acc": acc, "tasks": task_summary(table), "task_seconds": time.perf_counter() - t2})
-    loss, ok = config.loss(ppl, acc)
+    seconds = None
+    if config.needs_latency:
+        if latency is None:
+            raise MixqError(f"objective {config.objective}: the search needs a latency model (--latency-table)")
+        seconds = latency.predict(assignment)
+        scores.update({"predicted_s": seconds, "predicted_tokens_per_s": 1.0 / seconds})
+    loss, ok = config.loss(ppl, acc, seconds=seconds, base_seconds=None if latency is None else latency.base_seconds)
     return {**scores, "loss": loss, "feasible": ok, "eval_seconds": time.perf_counter() - t1}
 
 
@@ -136,7 +154,7 @@ def record_trial(study: Study, space: SearchSpace, config: SearchConfig, assignm
     bits, nbytes = study.size(assignment)
     record = {"number": len(study.done), "assignment": assignment, "plan": space.plan(study.units, assignment).to_dict(),
               **{k: v for k, v in scores.items() if k not in ("feasible", "eval_seconds")}}
-    if config.min_acc is not None:
+    if config.min_acc is not None or config.max_ppl is not None:
         record["feasible"] = scores["feasible"]
     record.update({"bits_per_weight": bits, "size_bytes": nbytes, "source": source,
                    "propose_seconds": propose_s, "eval_seconds": scores["eval_seconds"], "rejected_so_far": study.rejected})
@@ -144,7 +162,8 @@ def record_trial(study: Study, space: SearchSpace, config: SearchConfig, assignm
         record["start"] = label
     record.update(extra or {})
     study.store.append(record)  # the plain store first: it is what a resumed study counts
-    values = (record["loss"], float(nbytes))[: config.objectives]
+    second = record["predicted_s"] if config.objective == "pareto" and config.pareto_over == "latency" else float(nbytes)
+    values = (record["loss"], second)[: config.objectives]
     if handle is not None:
         study.proposer.tell(handle, values)
     else:
@@ -161,7 +180,7 @@ def best_postfix(best: dict[str, Any], config: SearchConfig) -> dict[str, str]:
 def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, config: SearchConfig, run_dir: Path, *,
                meta: dict[str, Any], resume: bool = False, initial: list[Start] | None = None,
                progress: bool = True, zero_shot: ZeroShot | None = None,
-               cache: WeightCache | None = None) -> list[dict[str, Any]]:
+               cache: WeightCache | None = None, latency: Latency | None = None) -> list[dict[str, Any]]:
     """Run (or resume) a study; returns every finished trial record.
 
     ``initial`` trials come first (repaired if over budget, each assignment once); their
@@ -189,7 +208,7 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
             else:
                 assignment, handle, source = vet_proposal(study, space, config, *proposer.ask())
             propose_s = time.perf_counter() - t0
-            scores = score_assignment(model, cache, units, assignment, score_windows, config, zero_shot)
+            scores = score_assignment(model, cache, units, assignment, score_windows, config, zero_shot, latency)
             record = record_trial(study, space, config, assignment, scores, handle, source=source, propose_s=propose_s,
                                   label=label)
             best = record if best is None or rank(record) < rank(best) else best
@@ -201,5 +220,5 @@ def run_search(model: nn.Module, space: SearchSpace, score_windows: Tensor, conf
     return done
 
 
-__all__ = ["Study", "ZeroShot", "best_postfix", "open_study", "record_trial", "run_search", "score_assignment",
+__all__ = ["Latency", "Study", "ZeroShot", "best_postfix", "open_study", "record_trial", "run_search", "score_assignment",
            "vet_proposal"]

@@ -1,7 +1,11 @@
 """What a search trial is scored on, and the one number the backends minimise (its ``loss``).
 
 * ``ppl``: perplexity on the scoring windows; loss = ppl.
-* ``pareto``: perplexity and size, two values (loss = ppl).
+* ``pareto``: perplexity and size (or the predicted decode time per token), two values (loss = ppl).
+* ``throughput`` with ``max_ppl``: the fastest plan (decode time per token predicted by a
+  latency model, ``mixq.runtime.latency``) whose perplexity is at most the bound: a feasible
+  trial's loss is s / (s + s_base) < 1, an infeasible one's 1 + (ppl / max_ppl − 1) > 1
+  (``runtime.latency.throughput_loss``), so every infeasible trial ranks below every feasible one.
 * ``acc``: the mean zero-shot accuracy over the chosen tasks on a fixed subset (the first
   ``task_limit`` examples of each task, the same in every trial), maximised: loss = 1 − acc.
 * ``ppl`` with ``min_acc``: perplexity under an accuracy constraint.  A trial whose accuracy
@@ -28,7 +32,8 @@ from typing import Any
 
 from mixq.errors import MixqError
 
-OBJECTIVES = ("ppl", "pareto", "acc")
+OBJECTIVES = ("ppl", "pareto", "acc", "throughput")
+PARETO_AXES = ("size", "latency")  # the second objective of a Pareto search
 TASK_METRICS = ("acc", "acc_norm")
 RESCORE_FACTOR = 4  # the best few trials are re-scored on 4x the windows / task examples
 ACC_TOLERANCE = 1e-12  # acc is k/n: a bound equal to it, up to rounding, is met
@@ -110,8 +115,18 @@ def task_summary(table: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, 
     return {t: {k: m[k] for k in keep if k in m} for t, m in table.items()}
 
 
-def trial_loss(objective: str, ppl: float, acc: float | None, min_acc: float | None) -> tuple[float, bool]:
-    """(the value the backends minimise, whether the trial meets ``min_acc``); see the module text."""
+def trial_loss(objective: str, ppl: float, acc: float | None, min_acc: float | None, *,
+               seconds: float | None = None, max_ppl: float | None = None,
+               base_seconds: float | None = None) -> tuple[float, bool]:
+    """(the value the backends minimise, whether the trial meets ``min_acc`` or ``max_ppl``); see the
+    module text.  ``seconds`` (the trial's predicted decode time) and ``base_seconds`` (the 16-bit
+    model's) serve the throughput objective."""
+    if objective == "throughput":
+        from mixq.runtime.latency import throughput_loss
+
+        if seconds is None or base_seconds is None or max_ppl is None:
+            raise MixqError("objective throughput: the trial needs a predicted time and a --max-ppl bound")
+        return throughput_loss(seconds, ppl, max_ppl=max_ppl, base_seconds=base_seconds)
     if objective == "acc":
         if acc is None:
             raise MixqError("objective acc: the trial has no accuracy (no tasks scored)")
@@ -142,10 +157,12 @@ def rank(record: Mapping[str, Any]) -> tuple[bool, float]:
     return (not feasible(record), loss_of(record))
 
 
-def pareto_front(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The trials no other trial beats on both perplexity and size, by increasing size."""
+def pareto_front(trials: list[dict[str, Any]], over: str = "size") -> list[dict[str, Any]]:
+    """The trials no other trial beats on both perplexity and size (``over="latency"``: predicted
+    decode time), by increasing size (time)."""
+    key = "size_bytes" if over == "size" else "predicted_s"
     front: list[dict[str, Any]] = []
-    for t in sorted(trials, key=lambda t: (t["size_bytes"], t["ppl"])):
+    for t in sorted(trials, key=lambda t: (t[key], t["ppl"])):
         if not front or t["ppl"] < front[-1]["ppl"]:
             front.append(t)
     return front
@@ -155,5 +172,5 @@ def best_trial(trials: list[dict[str, Any]]) -> dict[str, Any]:
     return min(trials, key=rank)
 
 
-__all__ = ["ACC_TOLERANCE", "OBJECTIVES", "RESCORE_FACTOR", "TASK_METRICS", "best_trial", "check_tasks", "pareto_front", "feasible",
+__all__ = ["ACC_TOLERANCE", "OBJECTIVES", "PARETO_AXES", "RESCORE_FACTOR", "TASK_METRICS", "best_trial", "check_tasks", "pareto_front", "feasible",
            "loss_of", "mean_accuracy", "parse_tasks", "rank", "task_summary", "trial_loss", "zero_shot_scorer"]

@@ -93,9 +93,9 @@ def measured(model: nn.Module, windows: Tensor, layers: list[str], formats: list
         base = [log_probs(model, b) for b in batches]
         for n in layers:
             original = read_weight(model, n).clone()
-            fmt_of = {f: parse_format(f) for f in formats}
             for f in formats:
-                write_weight(model, n, each_matrix(original, fmt_of[f].fake_quantize) if weights is None else weights(n, f))
+                write_weight(model, n, each_matrix(original, parse_format(f).fake_quantize) if weights is None
+                             else weights(n, f))
                 for b, p in zip(batches, base):
                     totals[n][f] += kl_sum(p, model, b)
             write_weight(model, n, original)
