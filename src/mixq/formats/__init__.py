@@ -1,6 +1,6 @@
 """Number formats. Importing this package registers every family."""
 
-from mixq.formats import integer, log, minifloat, nf  # noqa: F401  (registration)
+from mixq.formats import integer, kquant, log, minifloat, nf  # noqa: F401  (registration)
 from mixq.formats.base import Format, QTensor
 from mixq.formats.integer import IntFormat
 from mixq.formats.log import LogFormat

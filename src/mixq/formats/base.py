@@ -87,6 +87,11 @@ class Format(ABC):
         """Quantize-dequantize ``x`` on the grid given by ``params``."""
         return self.decode(self.encode(x, params), params)
 
+    def column_params(self, params: Params, offset: int) -> Params:
+        """The parameters that ``encode``/``decode`` take for column ``offset`` of a group,
+        from the group's own (``fit``'s); formats whose groups hold sub-blocks override it."""
+        return params
+
     # -- geometry ---------------------------------------------------------------
     def group_width(self, cols: int) -> int:
         """Columns per group for a row of ``cols`` weights (validated)."""
