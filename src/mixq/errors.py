@@ -19,3 +19,7 @@ class ModelError(MixqError):
 
 class DataError(MixqError):
     """A dataset that cannot be found or is too short."""
+
+
+class ExportError(MixqError):
+    """A model or plan that an export target cannot represent, or an output that cannot be written."""
