@@ -301,8 +301,10 @@ def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int
     writer.add_token_list([t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)])  # as convert_hf_to_gguf
     writer.add_token_types(types)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    if merges:  # GGUF cannot type an empty array
+    if merges:
         writer.add_token_merges(merges)
+    else:  # GGUF has no empty array: scores let a reader derive the (no) merges, as transformers does
+        writer.add_token_scores([0.0] * vocab_size)
     for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
                       ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
         if getattr(tokenizer, attr, None) is not None:

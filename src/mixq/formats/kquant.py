@@ -51,6 +51,7 @@ from mixq.formats.registry import register_family
 
 QK_K = 256  # weights per super-block (ggml-common.h)
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a (sub-)block below this is all zero
+CPU_CHUNK = 64  # super-blocks per search on CPU (see KQuantFormat._fit)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,12 @@ class KQuantFormat(Format):
         if x.shape[-1] != QK_K:
             raise FormatError(f"{self.name}: a k-quant group is one super-block of {QK_K} weights, got {x.shape[-1]}")
         x = x.float().contiguous()
-        d, sc, dmin, m, levels = _QUANTIZERS[self.bits](x)
+        # on CPU, 64 super-blocks at a time keep every tensor of the searches (at most 16,384
+        # floats) in cache and under ATen's parallel grain (32,768), where thread hand-offs
+        # outweigh the work; on a GPU the whole weight at once
+        step = max(x.shape[0], 1) if x.is_cuda else CPU_CHUNK
+        parts = [_QUANTIZERS[self.bits](x[i : i + step]) for i in range(0, x.shape[0], step)]
+        d, sc, dmin, m, levels = (None if p[0] is None else torch.cat(p) for p in zip(*parts))
         params = {"d": d.unsqueeze(1), **{f"sc{j:02d}": sc[:, j : j + 1] for j in range(self.nsub)}}
         if dmin is not None and m is not None:
             params["dmin"] = dmin.unsqueeze(1)
@@ -353,10 +359,10 @@ def _fp16(x: Tensor) -> Tensor:
     return x.to(torch.float16).to(torch.float32)
 
 
-def _first_absmax(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(max |x|, the x holding it) along the last axis, the first one on ties (ggml's ``ax > amax``)."""
-    amax, idx = x.abs().max(dim=-1, keepdim=True)
-    return amax.squeeze(-1), x.gather(-1, idx).squeeze(-1)
+def _first_absmax(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """(max |x|, the x holding it) along ``dim``, the first one on ties (ggml's ``ax > amax``)."""
+    amax, idx = x.abs().max(dim=dim, keepdim=True)
+    return amax.squeeze(dim), x.gather(dim, idx).squeeze(dim)
 
 
 def _positive_max(x: Tensor) -> Tensor:
@@ -365,40 +371,40 @@ def _positive_max(x: Tensor) -> Tensor:
     return torch.where(m > 0, m, torch.zeros_like(m))
 
 
+# The searches below take sub-blocks as columns: ``x`` is [weights per sub-block, sub-blocks],
+# so that ggml's running sums over a sub-block's weights add contiguous rows.
 def _sum(terms: Tensor, *, from_zero: bool = True) -> Tensor:
-    """Σ of ``terms`` along the last axis in ggml's order, in float32: ``acc = 0; acc += t_i``
+    """Σ over the rows of ``terms`` in ggml's order, in float32: ``acc = 0; acc += t_i``
     (or, ``from_zero=False``, ``acc = t_0`` then ``acc += t_i`` from i = 1)."""
-    acc = torch.zeros_like(terms[..., 0]) if from_zero else terms[..., 0]
-    for i in range(0 if from_zero else 1, terms.shape[-1]):
-        acc = acc + terms[..., i]
+    acc = torch.zeros_like(terms[0]) if from_zero else terms[0]
+    for i in range(0 if from_zero else 1, terms.shape[0]):
+        acc = acc + terms[i]
     return acc
 
 
 def _error(w: Tensor, scale: Tensor, levels: Tensor, mn: Tensor, x: Tensor, use_mad: bool) -> Tensor:
-    diff = scale.unsqueeze(-1) * levels + mn.unsqueeze(-1) - x
+    diff = scale * levels + mn - x
     return _sum(w * (diff.abs() if use_mad else diff * diff))
 
 
 def _make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
                       use_mad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """make_qkx2_quants on each row of ``x`` ([B, n]): (scale, the_min, levels in [0, nmax])."""
-    mn, mx = x.amin(dim=-1), x.amax(dim=-1)
+    """make_qkx2_quants on each column of ``x``: (scale, the_min, levels in [0, nmax])."""
+    mn, mx = x.amin(dim=0), x.amax(dim=0)
     sum_w = _sum(w, from_zero=False)
     sum_x = _sum(w * x, from_zero=False)
     mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
     flat = mx == mn
-    span = mx - mn
-    iscale = _div(float(nmax), span)
+    iscale = _div(float(nmax), mx - mn)
     scale = _div(1.0, iscale)
-    levels = _nearest_int(iscale.unsqueeze(-1) * (x - mn.unsqueeze(-1))).clamp(0, nmax).float()
+    levels = _nearest_int(iscale * (x - mn)).clamp(0, nmax).float()
     best = _error(w, scale, levels, mn, x, use_mad)
     for step in range(nstep + 1):
         num = _f32(rmin) + _f32(rdelta) * _f32(step) + _f32(nmax)
         iscale = _div(num, mx - mn)  # ggml divides by the range to the best minimum so far
-        aux = _nearest_int(iscale.unsqueeze(-1) * (x - mn.unsqueeze(-1))).clamp(0, nmax).float()
-        sum_l = _sum(w * aux)
-        sum_l2 = _sum(w * aux * aux)
-        sum_xl = _sum(w * aux * x)
+        aux = _nearest_int(iscale * (x - mn)).clamp(0, nmax).float()
+        wl = w * aux
+        sum_l, sum_l2, sum_xl = _sum(wl), _sum(wl * aux), _sum(wl * x)
         big_d = sum_w * sum_l2 - sum_l * sum_l
         this_scale = _div(sum_w * sum_xl - sum_x * sum_l, big_d)
         this_min = _div(sum_l2 * sum_x - sum_l * sum_xl, big_d)
@@ -407,66 +413,71 @@ def _make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: floa
         this_scale = torch.where(clipped, _div(sum_xl, sum_l2), this_scale)
         cur = _error(w, this_scale, aux, this_min, x, use_mad)
         better = (big_d > 0) & (cur < best)
-        levels = torch.where(better.unsqueeze(-1), aux, levels)
+        levels = torch.where(better, aux, levels)
         best = torch.where(better, cur, best)
         scale = torch.where(better, this_scale, scale)
         mn = torch.where(better, this_min, mn)
-    zero = torch.zeros_like(scale)
-    return torch.where(flat, zero, scale), -mn, torch.where(flat.unsqueeze(-1), torch.zeros_like(levels), levels).long()
+    return torch.where(flat, torch.zeros_like(scale), scale), -mn, torch.where(flat, 0.0, levels).long()
 
 
 def _make_q3_quants(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
-    """make_q3_quants(do_rmse=true) on each row of ``x``: (scale, levels in [0, 2·nmax − 1])."""
-    amax, mx = _first_absmax(x)
-    iscale = _div(_const(-nmax, x), mx)
-    lv = _nearest_int(iscale.unsqueeze(-1) * x).clamp(-nmax, nmax - 1).float()
+    """make_q3_quants(do_rmse=true) on each column of ``x``: (scale, levels in [0, 2·nmax − 1])."""
+    amax, mx = _first_absmax(x, 0)
+    lv = _nearest_int(_div(_const(-nmax, x), mx) * x).clamp(-nmax, nmax - 1).float()
     w = x * x
     sumlx = _sum(w * x * lv)
     suml2 = _sum(w * lv * lv)
     for _ in range(5):  # a pass that changes nothing would change nothing again: ggml's early exit is implied
-        for i in range(x.shape[-1]):
-            xi, wi, li = x[..., i], w[..., i], lv[..., i]
+        for i in range(x.shape[0]):
+            xi, wi, li = x[i], w[i], lv[i]
             slx = sumlx - wi * xi * li
             sl2 = suml2 - wi * li * li
             new = _nearest_int(_div(xi * sl2, slx)).clamp(-nmax, nmax - 1).float()
             slx2 = slx + wi * xi * new
             sl22 = sl2 + wi * new * new
             take = (slx > 0) & (new != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            lv[..., i] = torch.where(take, new, li)
+            lv[i] = torch.where(take, new, li)
             sumlx = torch.where(take, slx2, sumlx)
             suml2 = torch.where(take, sl22, suml2)
     zero = amax < GROUP_MAX_EPS
     scale = torch.where(suml2 > 0, _div(sumlx, suml2), torch.zeros_like(sumlx))
-    levels = torch.where(zero.unsqueeze(-1), torch.zeros_like(lv), lv + nmax)
-    return torch.where(zero, torch.zeros_like(scale), scale), levels.long()
+    return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero, 0.0, lv + nmax).long()
 
 
 def _make_qx_quants(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
-    """make_qx_quants(rmse_type=1, no weights) on each row of ``x``: (scale, levels in [0, 2·nmax − 1])."""
-    amax, mx = _first_absmax(x)
+    """make_qx_quants(rmse_type=1, no weights) on each column of ``x``: (scale, levels in [0, 2·nmax − 1])."""
+    amax, mx = _first_absmax(x, 0)
     w = x * x
+    wx = w * x
 
     def levels_at(iscale: Tensor) -> Tensor:
-        return _nearest_int(iscale.unsqueeze(-1) * x).clamp(-nmax, nmax - 1).float()
+        return _nearest_int(iscale * x).clamp(-nmax, nmax - 1).float()
 
     lv = levels_at(_div(_const(-nmax, x), mx))
-    sumlx = _sum(w * x * lv)
-    suml2 = _sum(w * lv * lv)
+    sumlx, suml2 = _sum(wx * lv), _sum(w * lv * lv)
     scale = torch.where(suml2 != 0, _div(sumlx, suml2), torch.zeros_like(suml2))
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
         cand = levels_at(_div(_const(-(_f32(nmax) + _f32(0.1) * _f32(step)), x), mx))
-        sumlx = _sum(w * x * cand)
-        suml2 = _sum(w * cand * cand)
+        sumlx, suml2 = _sum(wx * cand), _sum(w * cand * cand)
         take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        lv = torch.where(take.unsqueeze(-1), cand, lv)
+        lv = torch.where(take, cand, lv)
         scale = torch.where(take, _div(sumlx, suml2), scale)
         best = torch.where(take, scale * sumlx, best)
     zero = amax < GROUP_MAX_EPS
-    levels = torch.where(zero.unsqueeze(-1), torch.zeros_like(lv), lv + nmax)
-    return torch.where(zero, torch.zeros_like(scale), scale), levels.long()
+    return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero, 0.0, lv + nmax).long()
+
+
+def _columns(xs: Tensor) -> Tensor:
+    """[n, nsub, sub] super-blocks -> [sub, n·nsub]: one sub-block per column."""
+    return xs.reshape(-1, xs.shape[-1]).T.contiguous()
+
+
+def _blocks(levels: Tensor, n: int) -> Tensor:
+    """The inverse of ``_columns`` for the searches' levels."""
+    return levels.T.reshape(n, -1, levels.shape[0])
 
 
 Quantized = tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]  # d, sc, dmin, m, levels
@@ -475,26 +486,24 @@ Quantized = tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]  # d, sc
 def _requantize(x: Tensor, d: Tensor, sc: Tensor, dmin: Tensor | None, m: Tensor | None, levels: Tensor,
                 lo: int, hi: int) -> Tensor:
     """The final pass of every k-quant: levels on the stored scales, ggml's search levels where d·sc_j = 0."""
-    n, nsub, sub = x.shape
     dd = d.unsqueeze(1) * sc
     top = x if dmin is None or m is None else x + (dmin.unsqueeze(1) * m).unsqueeze(-1)
     safe = torch.where(dd == 0, torch.ones_like(dd), dd)
     new = _nearest_int(_div(top, safe.unsqueeze(-1))).clamp(lo, hi) - lo
-    return torch.where((dd == 0).unsqueeze(-1), levels.reshape(n, nsub, sub), new).reshape(n, QK_K)
+    return torch.where((dd == 0).unsqueeze(-1), levels, new).reshape(x.shape[0], QK_K)
 
 
-def _scales_with_min(x: Tensor, sub: int, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool,
+def _scales_with_min(xs: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool,
                      weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    n = x.shape[0]
-    scales, mins, levels = _make_qkx2_quants(x.reshape(-1, sub), weights.reshape(-1, sub), nmax, rmin, rdelta,
-                                             nstep, use_mad)
-    return scales.reshape(n, -1), mins.reshape(n, -1), levels
+    n = xs.shape[0]
+    scales, mins, levels = _make_qkx2_quants(_columns(xs), _columns(weights), nmax, rmin, rdelta, nstep, use_mad)
+    return scales.reshape(n, -1), mins.reshape(n, -1), _blocks(levels, n)
 
 
 def _q2_k(x: Tensor) -> Quantized:
     """quantize_row_q2_K_ref."""
     xs = x.reshape(-1, 16, 16)
-    scales, mins, levels = _scales_with_min(xs, 16, 3, -0.5, 0.1, 15, True, xs.abs())
+    scales, mins, levels = _scales_with_min(xs, 3, -0.5, 0.1, 15, True, xs.abs())
     max_scale, max_min = _positive_max(scales), _positive_max(mins)
     q4scale = 15.0
     ls = _nearest_int(_div(q4scale, max_scale).unsqueeze(-1) * scales)
@@ -510,10 +519,10 @@ def _q2_k(x: Tensor) -> Quantized:
 def _q45_k(x: Tensor, nmax: int, rmin: float, nstep: int) -> Quantized:
     """quantize_row_q4_K_ref / quantize_row_q5_K_ref."""
     xs = x.reshape(-1, 8, 32)
-    sum_x2 = _sum(xs * xs)
-    av_x = torch.sqrt(_div(sum_x2, 32.0))
-    weights = av_x.unsqueeze(-1) + xs.abs()
-    scales, mins, levels = _scales_with_min(xs, 32, nmax, rmin, 0.1, nstep, False, weights)
+    cols = _columns(xs)
+    av_x = torch.sqrt(_div(_sum(cols * cols), 32.0))
+    weights = (av_x + cols.abs()).T.reshape(xs.shape)
+    scales, mins, levels = _scales_with_min(xs, nmax, rmin, 0.1, nstep, False, weights)
     max_scale, max_min = _positive_max(scales), _positive_max(mins)
     zero = torch.zeros_like(max_scale)
     inv_scale = torch.where(max_scale > 0, _div(63.0, max_scale), zero)
@@ -529,31 +538,31 @@ def _q3_k(x: Tensor) -> Quantized:
     """quantize_row_q3_K_ref."""
     xs = x.reshape(-1, 16, 16)
     n = xs.shape[0]
-    scales, levels = _make_q3_quants(xs.reshape(-1, 16), 4)
+    scales, levels = _make_q3_quants(_columns(xs), 4)
     scales = scales.reshape(n, 16)
-    _, max_scale = _first_absmax(scales)
+    _, max_scale = _first_absmax(scales, -1)
     nonzero = max_scale != 0
     iscale = _div(-32.0, torch.where(nonzero, max_scale, torch.ones_like(max_scale)))
     l8 = ((_nearest_int(iscale.unsqueeze(-1) * scales) + 128) & 0xFF) - 128  # int8_t l = nearest_int(...)
     l6 = torch.where(nonzero.unsqueeze(-1), l8.clamp(-32, 31) + 32, torch.zeros_like(l8))
     d = torch.where(nonzero, _fp16(_div(1.0, iscale)), torch.zeros_like(max_scale))
     sc = (l6 - 32).float()
-    return d, sc, None, None, _requantize(xs, d, sc, None, None, levels, -4, 3)
+    return d, sc, None, None, _requantize(xs, d, sc, None, None, _blocks(levels, n), -4, 3)
 
 
 def _q6_k(x: Tensor) -> Quantized:
     """quantize_row_q6_K_ref."""
     xs = x.reshape(-1, 16, 16)
     n = xs.shape[0]
-    scales, levels = _make_qx_quants(xs.reshape(-1, 16), 32)
+    scales, levels = _make_qx_quants(_columns(xs), 32)
     scales = scales.reshape(n, 16)
-    max_abs, max_scale = _first_absmax(scales)
+    max_abs, max_scale = _first_absmax(scales, -1)
     zero = max_abs < GROUP_MAX_EPS  # the whole block is stored as zeros
     iscale = _div(-128.0, torch.where(zero, torch.ones_like(max_scale), max_scale))
     s8 = ((_nearest_int(iscale.unsqueeze(-1) * scales).clamp(max=127) + 128) & 0xFF) - 128
     sc = torch.where(zero.unsqueeze(-1), torch.zeros_like(s8), s8).float()
     d = torch.where(zero, torch.zeros_like(max_scale), _fp16(_div(1.0, iscale)))
-    levels = torch.where(zero.repeat_interleave(16).unsqueeze(-1), torch.zeros_like(levels), levels)
+    levels = torch.where(zero.view(n, 1, 1), 0, _blocks(levels, n))
     return d, sc, None, None, _requantize(xs, d, sc, None, None, levels, -32, 31)
 
 
