@@ -265,3 +265,27 @@ def test_qwen2_exports_without_permutation(tmp_path):
     loaded, tokenizer = load_gguf(out.path)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
     assert tokenizer("héllo")["input_ids"] == byte_tokenizer()("héllo")["input_ids"]
+
+
+def test_gemma3_stores_norms_shifted(tmp_path):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256)
+    model = fp16_exact(Gemma3ForCausalLM(config).eval())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # multiples of 2^-8: 1 + w is exact in float32
+                p.copy_(torch.randint(-64, 64, p.shape) / 256)
+    result = quantize_(model, Plan.from_dict({"default": {"format": "q4-k"},
+                                              "rules": [{"match": "re:.*o_proj", "format": "int8-sym-g32"}]}))
+    out = export_gguf(model, result.layers, byte_tokenizer(), tmp_path / "gemma.gguf")
+    reader = gguf.GGUFReader(out.path)
+    norm = next(t for t in reader.tensors if t.name == "blk.0.attn_q_norm.weight")
+    assert np.array_equal(np.asarray(norm.data), model.model.layers[0].self_attn.q_norm.weight.detach().numpy() + 1)
+    loaded, _ = load_gguf(out.path)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)

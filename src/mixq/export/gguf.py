@@ -26,8 +26,8 @@ Names and layout follow llama.cpp's converter (convert_hf_to_gguf.py): tensor na
 ``gguf`` package's map for the architecture, the rows of Llama's attn_q/attn_k permuted to
 llama.cpp's rotary layout (``LlamaModel.permute``; a row permutation keeps every block whole),
 Gemma's norms stored as 1 + w. Metadata and tokenizer are copied from the source GGUF when the
-model came from one (Llama, Qwen2, Gemma 3); without one they are written from the HF config
-and tokenizer (Llama and Qwen2 with a byte-level BPE tokenizer). The file is written to a
+model came from one; without one they are written from the HF config (Llama, Qwen2, Gemma 3 as
+llama.cpp's converter writes them) and tokenizer (byte-level BPE only). The file is written to a
 temporary file beside ``out_path`` and renamed at the end: a failure leaves nothing behind.
 """
 
@@ -49,7 +49,7 @@ from torch import nn
 
 from mixq.errors import ExportError, PlanError
 from mixq.formats import Format, IntFormat, QTensor
-from mixq.formats.kquant import KQuantFormat
+from mixq.formats.kquant import KQuantFormat, fp16_bytes
 from mixq.models import module_by_name
 
 FLOAT_TYPES = {"f16": QType.F16, "bf16": QType.BF16, "f32": QType.F32}
@@ -71,12 +71,11 @@ class Arch:
     gguf: str  # general.architecture
     permute_qk: bool  # llama.cpp's rotary row order for attn_q / attn_k
     norm_shift: float  # added to every norm weight (Gemma's RMSNorm scales by 1 + w)
-    from_config: bool  # metadata can be written from the HF config (else a source GGUF is needed)
 
 
 #: HF model_type -> how llama.cpp stores it
-ARCHS = {"llama": Arch("llama", True, 0.0, True), "qwen2": Arch("qwen2", False, 0.0, True),
-         "gemma3_text": Arch("gemma3", False, 1.0, False)}
+ARCHS = {"llama": Arch("llama", True, 0.0), "qwen2": Arch("qwen2", False, 0.0), "gemma3_text": Arch("gemma3", False, 1.0)}
+GEMMA3_LOCAL_ROPE = 10000.0  # llama.cpp's fixed rotary base of Gemma 3's sliding-window layers
 
 
 @dataclass(frozen=True)
@@ -107,24 +106,20 @@ def pack(fmt: Format, q: QTensor) -> tuple[np.ndarray, QType]:
     if cols % GGML_BLOCK:
         raise ExportError(f"{fmt.name}: GGUF's {qtype.name} needs rows that are a multiple of {GGML_BLOCK}, got {cols}")
     n = rows * cols // GGML_BLOCK
-    codes = q.codes.reshape(n, GGML_BLOCK).numpy().astype(np.int16)
-    d = _fp16_bytes(q.params["scale"])
+    codes = q.codes.detach().cpu().reshape(n, GGML_BLOCK).numpy().astype(np.int16)
+    d = fp16_bytes(q.params["scale"])
     if qtype == QType.Q8_0:
         out = np.concatenate([d, codes.astype(np.int8).view(np.uint8)], axis=1)
     else:
         level = (codes + 2 ** (fmt.bits - 1)).astype(np.uint8)  # type: ignore[attr-defined]
         low = level & 0xF
-        blocks = [d] + ([_fp16_bytes(q.params["min"])] if "min" in q.params else [])
+        blocks = [d] + ([fp16_bytes(q.params["min"])] if "min" in q.params else [])
         if fmt.bits == 5:  # type: ignore[attr-defined]
             blocks.append(np.packbits(level >> 4, axis=1, bitorder="little"))  # qh: bit j = level j's fifth bit
         blocks.append(low[:, :16] | low[:, 16:] << 4)
         out = np.concatenate(blocks, axis=1)
     assert out.shape[1] == gguf.GGML_QUANT_SIZES[qtype][1]
     return out.reshape(rows, -1), qtype
-
-
-def _fp16_bytes(x: torch.Tensor) -> np.ndarray:
-    return x.detach().reshape(-1).numpy().astype(np.float16).view(np.uint8).reshape(-1, 2)
 
 
 def llama_permute(rows: np.ndarray, heads: int) -> np.ndarray:
@@ -165,7 +160,7 @@ def unstorable(model: nn.Module, layers: Mapping[str, Any]) -> dict[str, str]:
             bad[name] = f"{fmt.name}: rows of {q.codes.shape[1]} are not whole {qtype.name} blocks"
         else:
             weight = module_by_name(model, name).weight
-            if not torch.equal(fmt.dequantize(q).to(weight.dtype), weight.detach().cpu()):
+            if not torch.equal(fmt.dequantize(q).to(weight.dtype).cpu(), weight.detach().cpu()):
                 raise ExportError(f"layer {name!r}: the model's weight is not its codes' value "
                                   "(export the model that quantize_ returned these layers for)")
     return bad
@@ -261,13 +256,19 @@ def _copy_metadata(writer: gguf.GGUFWriter, source: gguf.GGUFReader, arch: Arch,
 
 
 def _config_metadata(writer: gguf.GGUFWriter, arch: Arch, config: Any) -> None:
-    if not arch.from_config:
-        raise ExportError(f"{arch.gguf}: pass the source GGUF (source_gguf) to copy its metadata and tokenizer")
+    """The hyper-parameters llama.cpp's converter writes for the architecture (``set_gguf_parameters``)."""
     rope = dict(getattr(config, "rope_parameters", None) or {})
+    if arch.gguf == "gemma3":
+        local = rope.get("sliding_attention", {})
+        if local.get("rope_theta", GEMMA3_LOCAL_ROPE) != GEMMA3_LOCAL_ROPE or local.get("rope_type", "default") != "default":
+            raise ExportError(f"gemma3: llama.cpp's sliding-window layers take rope base {GEMMA3_LOCAL_ROPE:g}, "
+                              f"this model {local}; pass the source GGUF (source_gguf)")
+        rope = rope.get("full_attention", rope)
     theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
     if rope.get("rope_type", "default") != "default" or theta is None:
         raise ExportError(f"rope {rope}: only plain rotary embeddings are written from the config; "
                           "pass the source GGUF (source_gguf)")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -278,7 +279,14 @@ def _config_metadata(writer: gguf.GGUFWriter, arch: Arch, config: Any) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     if arch.gguf == "llama":
-        writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        writer.add_rope_dimension_count(head_dim)
+    if arch.gguf == "gemma3":
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        if getattr(config, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+            writer.add_sliding_window(config.sliding_window)
 
 
 def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> None:
@@ -317,13 +325,14 @@ def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int
 # -- the export ---------------------------------------------------------------------------
 def export_gguf(model: nn.Module, layers: Mapping[str, Any], tokenizer: Any, out_path: str | os.PathLike, *,
                 source_gguf: str | os.PathLike | None = None, float_type: str = "f16", float_fallback: bool = False,
-                overwrite: bool = False) -> GGUFExport:
+                keep_source_types: bool = True, overwrite: bool = False) -> GGUFExport:
     """Write ``model`` (fake-quantized in place by ``mixq.quantize.quantize_``) as one GGUF file.
 
     ``layers`` is ``QuantizeResult.layers``: each layer's codes and parameters are written in
     the GGUF type of its format (module docstring); every other tensor in ``float_type``
     (``f16``, ``bf16``, ``f32``; 1-D tensors in F32), or, with ``source_gguf`` (the file the
-    model was loaded from), the source's own bytes where the model still holds their values.
+    model was loaded from) and ``keep_source_types``, the source's own bytes where the model
+    still holds exactly their values.
     Metadata and tokenizer come from ``source_gguf`` or else from the HF config and
     ``tokenizer``. A plan format GGUF cannot store is refused with the list of its layers,
     unless ``float_fallback`` writes those layers in ``float_type``.
@@ -343,7 +352,7 @@ def export_gguf(model: nn.Module, layers: Mapping[str, Any], tokenizer: Any, out
                         f"int4/int5-fmin-g32, q2-k ... q6-k; or write them in {float_type} with float_fallback)")
     float_layers = set(bad)
     source = gguf.GGUFReader(source_gguf) if source_gguf is not None else None
-    tensors = _tensors(model, layers, arch, float_layers, float_type, source)
+    tensors = _tensors(model, layers, arch, float_layers, float_type, source if keep_source_types else None)
     counts: dict[QType, int] = {}
     for t in tensors:
         if len(t.shape) == 2:

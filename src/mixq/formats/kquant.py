@@ -34,7 +34,9 @@ divisions. The ``gguf`` package can only dequantize k-quants and no library expo
 quantizer to Python, hence the port. It reproduces ggml's bytes when ggml is compiled
 without fused multiply-adds (its C makes no use of them; a compiler may contract them on
 its own with ``-ffp-contract=fast``). ``encode`` of values off the grid saturates, where
-ggml's ``nearest_int`` is undefined beyond 2^22 steps.
+ggml's ``nearest_int`` is undefined beyond 2^22 steps. GPTQ and QuantEase fit a super-block
+once and round its columns on their sub-blocks' scales (``column_params``), in their PyTorch
+column loop (the fused kernels cover the integer formats only).
 """
 
 from __future__ import annotations
@@ -208,13 +210,13 @@ class KQuantFormat(Format):
         """The tensor as ggml stores it: uint8 [rows, super-blocks per row × block bytes]."""
         rows, cols = q.codes.shape
         n = rows * cols // QK_K
-        level = (q.codes.reshape(n, QK_K).long() + 2 ** (self.bits - 1)).numpy().astype(np.uint8)
-        p = {k: v.detach().reshape(n) for k, v in q.params.items()}
+        level = (q.codes.detach().cpu().reshape(n, QK_K).long() + 2 ** (self.bits - 1)).numpy().astype(np.uint8)
+        p = {k: v.detach().cpu().reshape(n) for k, v in q.params.items()}
         sc = np.stack([p[f"sc{j:02d}"].numpy() for j in range(self.nsub)], axis=1)
-        d = _fp16_bytes(p["d"])
+        d = fp16_bytes(p["d"])
         if self.layout.has_min:
             m = np.stack([p[f"m{j:02d}"].numpy() for j in range(self.nsub)], axis=1)
-            dmin = _fp16_bytes(p["dmin"])
+            dmin = fp16_bytes(p["dmin"])
         if self.bits == 2:
             scales = (sc.astype(np.uint8) & 0xF) | (m.astype(np.uint8) << 4)
             out = np.concatenate([scales, _pack2(level), d, dmin], axis=1)
@@ -291,8 +293,9 @@ def _parse_kquant(bits: int, tokens: list[str]) -> Format:
 
 
 # -- ggml's byte layouts ------------------------------------------------------------------
-def _fp16_bytes(x: Tensor) -> np.ndarray:
-    return x.numpy().astype(np.float16).view(np.uint8).reshape(-1, 2)
+def fp16_bytes(x: Tensor) -> np.ndarray:
+    """fp16 values as ggml stores them: two little-endian bytes each, [n, 2]."""
+    return x.detach().cpu().reshape(-1).numpy().astype(np.float16).view(np.uint8).reshape(-1, 2)
 
 
 def _pack2(level: np.ndarray) -> np.ndarray:
