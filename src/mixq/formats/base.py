@@ -125,11 +125,7 @@ class Format(ABC):
 
     # -- whole tensors ----------------------------------------------------------
     def quantize(self, w: Tensor) -> QTensor:
-        if w.dim() != 2:
-            raise FormatError(f"{self.name}: expected a 2-D weight, got shape {tuple(w.shape)}")
-        x = w.detach().float()
-        if not torch.isfinite(x).all():
-            raise FormatError(f"{self.name}: the weight holds NaN or infinite values")
+        x = checked_weight(self.name, w)
         rows, cols = x.shape
         if self.per_tensor:
             params = self.fit(x.reshape(1, -1))
@@ -169,6 +165,16 @@ class Format(ABC):
 
     def __str__(self) -> str:
         return self.name
+
+
+def checked_weight(name: str, w: Tensor) -> Tensor:
+    """``w`` as float32, refused unless it is a finite 2-D weight."""
+    if w.dim() != 2:
+        raise FormatError(f"{name}: expected a 2-D weight, got shape {tuple(w.shape)}")
+    x = w.detach().float()
+    if not torch.isfinite(x).all():
+        raise FormatError(f"{name}: the weight holds NaN or infinite values")
+    return x
 
 
 def _as_2d(shape: tuple[int, ...]) -> tuple[int, int]:

@@ -41,6 +41,7 @@ column loop (the fused kernels cover the integer formats only).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,7 +49,7 @@ import torch
 from torch import Tensor
 
 from mixq.errors import FormatError
-from mixq.formats.base import Format, Params, QTensor
+from mixq.formats.base import Format, Params, QTensor, checked_weight
 from mixq.formats.registry import register_family
 
 QK_K = 256  # weights per super-block (ggml-common.h)
@@ -182,11 +183,7 @@ class KQuantFormat(Format):
     # -- whole tensors ----------------------------------------------------------
     def quantize(self, w: Tensor) -> QTensor:
         """ggml's reference quantization of every super-block (bit for bit, see the module doc)."""
-        if w.dim() != 2:
-            raise FormatError(f"{self.name}: expected a 2-D weight, got shape {tuple(w.shape)}")
-        x = w.detach().float()
-        if not torch.isfinite(x).all():
-            raise FormatError(f"{self.name}: the weight holds NaN or infinite values")
+        x = checked_weight(self.name, w)
         rows, cols = x.shape
         self.group_width(cols)
         params, codes = self._fit(x.reshape(-1, QK_K))
@@ -537,35 +534,39 @@ def _q45_k(x: Tensor, nmax: int, rmin: float, nstep: int) -> Quantized:
     return d, sc, dmin, m, _requantize(xs, d, sc, dmin, m, levels, 0, nmax)
 
 
-def _q3_k(x: Tensor) -> Quantized:
-    """quantize_row_q3_K_ref."""
+def _signed_scales(x: Tensor, search: Callable[[Tensor, int], tuple[Tensor, Tensor]],
+                   nmax: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Q3_K/Q6_K's first pass: 16 sub-blocks of 16 searched for signed scales; (sub-blocks
+    [n, 16, 16], scales [n, 16], levels [n, 16, 16], and the largest |scale| with its sign)."""
     xs = x.reshape(-1, 16, 16)
     n = xs.shape[0]
-    scales, levels = _make_q3_quants(_columns(xs), 4)
+    scales, levels = search(_columns(xs), nmax)
     scales = scales.reshape(n, 16)
-    _, max_scale = _first_absmax(scales, -1)
+    max_abs, max_scale = _first_absmax(scales, -1)
+    return xs, scales, _blocks(levels, n), max_abs, max_scale
+
+
+def _q3_k(x: Tensor) -> Quantized:
+    """quantize_row_q3_K_ref."""
+    xs, scales, levels, _, max_scale = _signed_scales(x, _make_q3_quants, 4)
     nonzero = max_scale != 0
     iscale = _div(-32.0, torch.where(nonzero, max_scale, torch.ones_like(max_scale)))
     l8 = ((_nearest_int(iscale.unsqueeze(-1) * scales) + 128) & 0xFF) - 128  # int8_t l = nearest_int(...)
     l6 = torch.where(nonzero.unsqueeze(-1), l8.clamp(-32, 31) + 32, torch.zeros_like(l8))
     d = torch.where(nonzero, _fp16(_div(1.0, iscale)), torch.zeros_like(max_scale))
     sc = (l6 - 32).float()
-    return d, sc, None, None, _requantize(xs, d, sc, None, None, _blocks(levels, n), -4, 3)
+    return d, sc, None, None, _requantize(xs, d, sc, None, None, levels, -4, 3)
 
 
 def _q6_k(x: Tensor) -> Quantized:
     """quantize_row_q6_K_ref."""
-    xs = x.reshape(-1, 16, 16)
-    n = xs.shape[0]
-    scales, levels = _make_qx_quants(_columns(xs), 32)
-    scales = scales.reshape(n, 16)
-    max_abs, max_scale = _first_absmax(scales, -1)
+    xs, scales, levels, max_abs, max_scale = _signed_scales(x, _make_qx_quants, 32)
     zero = max_abs < GROUP_MAX_EPS  # the whole block is stored as zeros
     iscale = _div(-128.0, torch.where(zero, torch.ones_like(max_scale), max_scale))
     s8 = ((_nearest_int(iscale.unsqueeze(-1) * scales).clamp(max=127) + 128) & 0xFF) - 128
     sc = torch.where(zero.unsqueeze(-1), torch.zeros_like(s8), s8).float()
     d = torch.where(zero, torch.zeros_like(max_scale), _fp16(_div(1.0, iscale)))
-    levels = torch.where(zero.view(n, 1, 1), 0, _blocks(levels, n))
+    levels = torch.where(zero.view(-1, 1, 1), 0, levels)
     return d, sc, None, None, _requantize(xs, d, sc, None, None, levels, -32, 31)
 
 
