@@ -135,6 +135,7 @@ class _Tensor:
     dtype: Any  # numpy dtype of the data written
     nbytes: int
     qtype: QType
+    numel: int  # weights held
     data: Callable[[], np.ndarray]
 
 
@@ -192,7 +193,7 @@ def _tensors(model: nn.Module, layers: Mapping[str, Any], arch: Arch, float_laye
         src = from_source.get(name)
         if src is not None and layer is None and _holds(src, values):
             out.append(_Tensor(name, tuple(src.data.shape), src.data.dtype, src.data.nbytes, src.tensor_type,
-                               lambda s=src: s.data))
+                               values.size, lambda s=src: s.data))
         else:
             out.append(_float(name, values, QType.F32 if values.ndim == 1 else FLOAT_TYPES[float_type]))
     return out
@@ -213,16 +214,17 @@ def _quantized(name: str, layer: Any, heads: int | None) -> _Tensor:
         packed, _ = pack(fmt, q)
         return packed if heads is None else np.ascontiguousarray(llama_permute(packed, heads))
 
-    return _Tensor(name, (rows, cols // block * size), np.dtype(np.uint8), rows * cols // block * size, qtype, data)
+    return _Tensor(name, (rows, cols // block * size), np.dtype(np.uint8), rows * cols // block * size, qtype,
+                   rows * cols, data)
 
 
 def _float(name: str, values: np.ndarray, qtype: QType) -> _Tensor:
     if qtype == QType.BF16:
         shape = (*values.shape[:-1], values.shape[-1] * 2)
-        return _Tensor(name, shape, np.dtype(np.uint8), values.size * 2, qtype,
+        return _Tensor(name, shape, np.dtype(np.uint8), values.size * 2, qtype, values.size,
                        lambda: gguf.quants.quantize(values, QType.BF16))
     dtype = np.dtype(np.float16 if qtype == QType.F16 else np.float32)
-    return _Tensor(name, values.shape, dtype, values.size * dtype.itemsize, qtype,
+    return _Tensor(name, values.shape, dtype, values.size * dtype.itemsize, qtype, values.size,
                    lambda: np.ascontiguousarray(values.astype(dtype)))
 
 
@@ -297,13 +299,17 @@ def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
         raise ExportError("writing a tokenizer into GGUF from Hugging Face supports byte-level BPE tokenizers; "
                           "pass the source GGUF (source_gguf) for others")
+    added = spec.get("added_tokens", [])
+    largest = max([*model["vocab"].values(), *(a["id"] for a in added)], default=-1)
+    if largest >= vocab_size:
+        raise ExportError(f"the tokenizer has token id {largest}, the model's embedding only {vocab_size} rows")
     tokens: list[str | None] = [None] * vocab_size
     types = [gguf.TokenType.UNUSED] * vocab_size
     for token, i in model["vocab"].items():
         tokens[i], types[i] = token, gguf.TokenType.NORMAL
-    for added in spec.get("added_tokens", []):
-        tokens[added["id"]] = added["content"]
-        types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+    for a in added:
+        tokens[a["id"]] = a["content"]
+        types[a["id"]] = gguf.TokenType.CONTROL if a["special"] else gguf.TokenType.USER_DEFINED
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list([t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)])  # as convert_hf_to_gguf
@@ -356,7 +362,8 @@ def export_gguf(model: nn.Module, layers: Mapping[str, Any], tokenizer: Any, out
     counts: dict[QType, int] = {}
     for t in tensors:
         if len(t.shape) == 2:
-            counts[t.qtype] = counts.get(t.qtype, 0) + t.nbytes
+            counts[t.qtype] = counts.get(t.qtype, 0) + t.numel
+    main_type = max(counts, key=counts.__getitem__, default=None)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
     os.close(fd)
     writer = gguf.GGUFWriter(tmp, arch.gguf)
@@ -366,7 +373,7 @@ def export_gguf(model: nn.Module, layers: Mapping[str, Any], tokenizer: Any, out
         else:
             _config_metadata(writer, arch, model.config)
             _tokenizer_metadata(writer, tokenizer, model.config.vocab_size)
-        writer.add_file_type(FILE_TYPES.get(max(counts, key=counts.__getitem__), gguf.LlamaFileType.GUESSED))
+        writer.add_file_type(FILE_TYPES.get(main_type, gguf.LlamaFileType.GUESSED))  # type: ignore[arg-type]
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for t in tensors:
             writer.add_tensor_info(t.name, t.shape, t.dtype, t.nbytes, raw_dtype=t.qtype)
