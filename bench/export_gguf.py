@@ -198,6 +198,11 @@ def render(r: dict) -> str:
         lines.append(f"| {row['plan']} | {', '.join(row['formats'])} | {', '.join(row['gguf_types'])} | "
                      f"{row['plan_size_bytes']:,} | {row['file_bytes']:,} | {row['header_bytes']:,} | {row['tensor_bytes']:,} | "
                      f"{row['ppl_fake_quant']:.4f} | {row['ppl_gguf_transformers']:.4f} | {row['max_abs_weight_diff']:g} | {lc} |")
+    lines += ["", "The file is the header (metadata, mostly the tokenizer copied from the source GGUF) plus the tensors; "
+              "the tensors exceed the plan's size by the F32 norms (the plan counts every unquantized tensor at 16 bits) "
+              "and alignment padding. The quantized tensors hold exactly the plan's bits (tests/test_export_gguf.py). "
+              "llama.cpp's perplexity differs from transformers' on the same weights because its CPU matmuls "
+              "quantize the activations (to Q8) for quantized weights."]
     if r["llama_cpp_presets"]:
         lines += ["", "llama.cpp's own presets (llama_model_quantize, no importance matrix) from an F32 export of the "
                   "same base weights:", "",

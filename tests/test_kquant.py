@@ -150,3 +150,14 @@ def test_calibrated_solvers_with_kquants(solver, bits, options):
     assert out.loss < 0.95 * rtn
     data = fmt.to_ggml(out.qtensor)  # and GGUF holds them as they are
     assert same_bits(gguf.quants.dequantize(data, qtype(fmt)), out.weight.numpy())
+
+
+def test_sqrt_is_correctly_rounded():
+    """Q4_K/Q5_K weight sub-blocks by sqrtf(Σx²/32): one ulp off (PyTorch's float32 sqrt on CPU
+    here) changed a block of SmolLM2's ffn_down against llama.cpp's bytes."""
+    from mixq.formats.kquant import _sqrt
+
+    v = np.float32(1.1346492767333984) / np.float32(32)
+    assert _sqrt(torch.tensor([v])).item() == float(np.sqrt(v)) == float(np.float32(0.188302383))
+    x = np.random.RandomState(0).uniform(0, 4, 100_000).astype(np.float32)
+    assert np.array_equal(_sqrt(torch.from_numpy(x)).numpy(), np.sqrt(x))

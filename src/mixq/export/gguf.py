@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,8 +364,7 @@ def export_gguf(model: nn.Module, layers: Mapping[str, Any], tokenizer: Any, out
         if len(t.shape) == 2:
             counts[t.qtype] = counts.get(t.qtype, 0) + t.numel
     main_type = max(counts, key=counts.__getitem__, default=None)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    os.close(fd)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.partial"  # beside out: os.replace stays atomic
     writer = gguf.GGUFWriter(tmp, arch.gguf)
     try:
         if source is not None:
@@ -386,7 +385,7 @@ def export_gguf(model: nn.Module, layers: Mapping[str, Any], tokenizer: Any, out
         os.replace(tmp, out)
     except BaseException as e:
         writer.close()
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
         raise

@@ -54,7 +54,7 @@ from mixq.formats.registry import register_family
 
 QK_K = 256  # weights per super-block (ggml-common.h)
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a (sub-)block below this is all zero
-CPU_CHUNK = 64  # super-blocks per search on CPU (see KQuantFormat._fit)
+CPU_CHUNK = 128  # super-blocks per search on CPU (see KQuantFormat._fit)
 
 
 @dataclass(frozen=True)
@@ -124,9 +124,9 @@ class KQuantFormat(Format):
         if x.shape[-1] != QK_K:
             raise FormatError(f"{self.name}: a k-quant group is one super-block of {QK_K} weights, got {x.shape[-1]}")
         x = x.float().contiguous()
-        # on CPU, 64 super-blocks at a time keep every tensor of the searches (at most 16,384
-        # floats) in cache and under ATen's parallel grain (32,768), where thread hand-offs
-        # outweigh the work; on a GPU the whole weight at once
+        # on CPU, 128 super-blocks at a time keep every tensor of the searches (32,768 floats)
+        # in cache and within ATen's parallel grain (32,768), where thread hand-offs outweigh
+        # the work; on a GPU the whole weight at once
         step = max(x.shape[0], 1) if x.is_cuda else CPU_CHUNK
         parts = [_QUANTIZERS[self.bits](x[i : i + step]) for i in range(0, x.shape[0], step)]
         d, sc, dmin, m, levels = (None if p[0] is None else torch.cat(p) for p in zip(*parts))
@@ -354,6 +354,12 @@ def _nearest_int(f: Tensor) -> Tensor:
     return ((f + _const(12582912.0, f)).view(torch.int32) & 0x007FFFFF) - 0x00400000
 
 
+def _sqrt(x: Tensor) -> Tensor:
+    """``sqrtf``, correctly rounded (PyTorch's float32 sqrt on CPU can be one ulp off; the
+    float64 root rounded to float32 is exact)."""
+    return torch.sqrt(x.double()).float()
+
+
 def _fp16(x: Tensor) -> Tensor:
     """``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(x))``: round to nearest even fp16."""
     return x.to(torch.float16).to(torch.float32)
@@ -520,7 +526,7 @@ def _q45_k(x: Tensor, nmax: int, rmin: float, nstep: int) -> Quantized:
     """quantize_row_q4_K_ref / quantize_row_q5_K_ref."""
     xs = x.reshape(-1, 8, 32)
     cols = _columns(xs)
-    av_x = torch.sqrt(_div(_sum(cols * cols), 32.0))
+    av_x = _sqrt(_div(_sum(cols * cols), 32.0))
     weights = (av_x + cols.abs()).T.reshape(xs.shape)
     scales, mins, levels = _scales_with_min(xs, nmax, rmin, 0.1, nstep, False, weights)
     max_scale, max_min = _positive_max(scales), _positive_max(mins)
