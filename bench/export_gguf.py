@@ -213,6 +213,10 @@ def render(r: dict) -> str:
             kq = row["kquants_vs_mixq"]
             lines.append(f"| {row['preset']} | {kinds} | {row['file_bytes']:,} | {row['ppl_gguf_transformers']:.4f} | "
                          f"{row['ppl_gguf_llama_cpp']:.4f} | {kq['identical']} / {kq['k-quant tensors']} |")
+        lines += ["", "mixq's plans here are hand-written RTN mixes, not searched: at 4-5 bits they trail llama.cpp's presets, "
+                  "which spend Q6_K/Q8_0 on some ffn_down and attn_v tensors (and whose Q4_0/Q5_0 use the grid's most "
+                  "negative level, which mixq's symmetric formats leave out). Every k-quant tensor llama.cpp writes "
+                  "holds the bytes of mixq's RTN in that k-quant (q4-k, q5-k, q6-k) of the same weights (last column)."]
     return "\n".join(lines) + "\n"
 
 
