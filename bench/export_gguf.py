@@ -3,7 +3,7 @@ exported file reloaded by transformers (and by llama.cpp, through llama-cpp-pyth
 ``--llama-python`` names an interpreter that has it) against mixq's in-memory fake-quantized
 model, on WikiText-2 test windows.
 
-    PYTHONPATH=src python bench/export_gguf.py --data-dir DATA --windows 8 --out bench/results/export_gguf_cpu \\
+    PYTHONPATH=src python bench/export_gguf.py --data-dir DATA --windows 2 --seqlen 1024 --threads 1 --out bench/results/export_gguf_cpu \\
         [--llama-python /path/to/venv/bin/python --presets Q4_K_M,Q3_K_M]
 
 Plans (RTN; the embedding in int8-sym-g32, which reproduces the source's Q8_0 table exactly):
