@@ -1,6 +1,6 @@
 """Number formats. Importing this package registers every family."""
 
-from mixq.formats import fixedpoint, integer, log, minifloat, nf  # noqa: F401  (registration)
+from mixq.formats import fixedpoint, integer, kquant, log, minifloat, nf  # noqa: F401  (registration)
 from mixq.formats.base import Format, QTensor
 from mixq.formats.fixedpoint import FixedPointFormat
 from mixq.formats.integer import IntFormat

@@ -96,6 +96,11 @@ class Format(ABC):
         """Quantize-dequantize ``x`` on the grid given by ``params``."""
         return self.decode(self.encode(x, params), params)
 
+    def column_params(self, params: Params, offset: int) -> Params:
+        """The parameters that ``encode``/``decode`` take for column ``offset`` of a group,
+        from the group's own (``fit``'s); formats whose groups hold sub-blocks override it."""
+        return params
+
     # -- geometry ---------------------------------------------------------------
     def group_width(self, cols: int) -> int:
         """Columns per group for a row of ``cols`` weights (validated)."""
@@ -129,11 +134,7 @@ class Format(ABC):
 
     # -- whole tensors ----------------------------------------------------------
     def quantize(self, w: Tensor) -> QTensor:
-        if w.dim() != 2:
-            raise FormatError(f"{self.name}: expected a 2-D weight, got shape {tuple(w.shape)}")
-        x = w.detach().float()
-        if not torch.isfinite(x).all():
-            raise FormatError(f"{self.name}: the weight holds NaN or infinite values")
+        x = checked_weight(self.name, w)
         rows, cols = x.shape
         if self.per_tensor:
             params = self.fit(x.reshape(1, -1))
@@ -173,6 +174,16 @@ class Format(ABC):
 
     def __str__(self) -> str:
         return self.name
+
+
+def checked_weight(name: str, w: Tensor) -> Tensor:
+    """``w`` as float32, refused unless it is a finite 2-D weight."""
+    if w.dim() != 2:
+        raise FormatError(f"{name}: expected a 2-D weight, got shape {tuple(w.shape)}")
+    x = w.detach().float()
+    if not torch.isfinite(x).all():
+        raise FormatError(f"{name}: the weight holds NaN or infinite values")
+    return x
 
 
 def _as_2d(shape: tuple[int, ...]) -> tuple[int, int]:

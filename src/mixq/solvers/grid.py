@@ -45,9 +45,10 @@ class ColumnGrid:
 
     def round(self, col: int, w: Tensor) -> Tensor:
         """Round column ``col`` (values ``w``, [rows]) onto its group's grid."""
-        p = self.params[self.group_of(col)]
+        g = self.group_of(col)
+        p = self.params[g]
         assert p is not None, "group parameters must be fitted before rounding"
-        return self.fmt.round(w.unsqueeze(1), p).squeeze(1)
+        return self.fmt.round(w.unsqueeze(1), self.fmt.column_params(p, col - self.span(g)[0])).squeeze(1)
 
     def stacked(self, rows: int) -> Params:
         """Per-group parameters as stored: [rows, groups] each (per tensor: [1, 1])."""
