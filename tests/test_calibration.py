@@ -302,3 +302,24 @@ def test_cli_outliers_size_and_errors(capsys, tiny_dir, text_file):
     assert code == 2 and "--structured needs --outliers" in err
     code, _, err = _cli(capsys, *base, "--solver", "gptq", "--seqlen", "100000")
     assert code == 2 and "fewer than one window" in err
+
+
+def test_blocks_moved_for_their_forward_keep_their_inputs_and_outputs():
+    """Where the blocks live on another device than the calibration's, each is moved for its
+    forward by hooks: the hooks must not replace the block's inputs or outputs."""
+    from conftest import tiny_llama
+
+    from mixq.calibration import sequential
+
+    model = tiny_llama()
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    want = model(ids).logits
+    blocks = model.model.layers
+    original = sequential._same_device
+    try:
+        sequential._same_device = lambda a, b: False  # as cuda:0 against cuda, or CPU blocks calibrated on a GPU
+        with torch.no_grad(), sequential._blocks_on(blocks, torch.device("cpu")):
+            got = model(ids).logits
+    finally:
+        sequential._same_device = original
+    assert torch.equal(got, want)

@@ -294,9 +294,23 @@ def test_export_command_refuses_gguf_without_its_module_and_fallback_elsewhere(m
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mixq.export.gguf" else real(name, *a))
     with pytest.raises(ExportError, match="GGUF export is not available in this build"):
         _export_command("--model", str(tiny_dir), "--plan", "int8", "--format", "gguf", "--out", str(tmp_path / "m.gguf"))
-    with pytest.raises(ExportError, match="--fallback-16bit applies to --format compressed-tensors"):
+    with pytest.raises(ExportError, match="--fallback-16bit applies to --format compressed-tensors and gguf"):
         _export_command("--model", str(tiny_dir), "--plan", "int8", "--format", "mixq", "--out", str(tmp_path / "x"),
                         "--fallback-16bit")
+
+
+def test_export_command_writes_gguf(tiny_dir, tmp_path, capsys):
+    """int8-sym-g32 is GGUF's Q8_0: the file reads back through gguf and holds the solver's codes exactly."""
+    import gguf
+
+    out = tmp_path / "m.gguf"
+    assert _export_command("--model", str(tiny_dir), "--plan", "int8-sym-g32", "--format", "gguf", "--out", str(out),
+                           "--device", "cpu", "--json") == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    reader = gguf.GGUFReader(str(out))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert record["file_bytes"] == out.stat().st_size and "Q8_0" in types.values()
+    assert sum(t == "Q8_0" for t in types.values()) == 14  # the 7 Linear layers of each of the 2 blocks
 
 
 

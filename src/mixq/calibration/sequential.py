@@ -121,17 +121,32 @@ def _call_block(block: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Ten
     return out[0] if isinstance(out, tuple) else out
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are one device (when the current device is 0)."""
+    def index(d: torch.device) -> int | None:
+        return torch.cuda.current_device() if d.type == "cuda" and d.index is None else d.index
+
+    return a.type == b.type and (a.type != "cuda" or index(a) == index(b))
+
+
 @contextmanager
 def _blocks_on(blocks: nn.ModuleList, device: torch.device) -> Iterator[None]:
     """Each block moved to ``device`` for its forward and back after it, where the blocks live elsewhere."""
     home = next(blocks.parameters()).device
-    if home == device:
+    if _same_device(home, device):
         yield
         return
+
+    def arrive(m: nn.Module, _args: tuple) -> None:  # a hook's return value would replace the block's inputs
+        m.to(device)
+
+    def leave(m: nn.Module, _args: tuple, _out: object) -> None:  # ... or its output
+        m.to(home)
+
     handles = []
     for block in blocks:
-        handles.append(block.register_forward_pre_hook(lambda m, _args: m.to(device)))
-        handles.append(block.register_forward_hook(lambda m, _args, _out: m.to(home)))
+        handles.append(block.register_forward_pre_hook(arrive))
+        handles.append(block.register_forward_hook(leave))
     try:
         yield
     finally:

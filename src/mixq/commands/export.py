@@ -26,7 +26,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (a .gguf file with --format gguf)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output")
     p.add_argument("--fallback-16bit", action="store_true",
-                   help="compressed-tensors: write the layers it cannot hold (non-integer formats, short last groups, "
+                   help="compressed-tensors and gguf: write the layers the target cannot hold (non-integer formats, short last groups, "
                         "outliers, q/k/v or gate/up with different schemes) in 16 bits instead of refusing the plan")
     add_shared(p)
     return p
@@ -39,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.format == "gguf" and importlib.util.find_spec("mixq.export.gguf") is None:
         raise ExportError("GGUF export is not available in this build")
-    if args.fallback_16bit and args.format != "compressed-tensors":
-        raise ExportError("--fallback-16bit applies to --format compressed-tensors only")
+    if args.fallback_16bit and args.format == "mixq":
+        raise ExportError("--fallback-16bit applies to --format compressed-tensors and gguf (mixq's checkpoint holds "
+                          "every format)")
     run_ = setup_run(args)
     device, batch = run_.device, run_.batch_size
     plan = Plan.parse(args.plan).with_solver(args.solver, solver_options(args))
@@ -96,5 +97,9 @@ def _write(args: argparse.Namespace, loaded: Any, result: Any, plan: Any, out: P
     from mixq.export.gguf import export_gguf
 
     source = loaded.source.path if loaded.source.is_gguf else None
-    written = export_gguf(loaded.model, result.layers, loaded.tokenizer, out, source_gguf=source)
-    return written.to_dict() if hasattr(written, "to_dict") else {"format": "gguf", "out": str(out)}
+    written = export_gguf(loaded.model, result.layers, loaded.tokenizer, out, source_gguf=source,
+                          float_fallback=args.fallback_16bit, overwrite=args.overwrite)
+    plan_bytes = plan.size_bytes(loaded.model)
+    return {"format": "gguf", "out": str(written.path), "file_bytes": written.size_bytes, "plan_bytes": plan_bytes,
+            "size_ratio": written.size_bytes / plan_bytes, "types": written.types,
+            "fallback_16bit": list(written.in_float)}

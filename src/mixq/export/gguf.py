@@ -50,7 +50,7 @@ from torch import nn
 from mixq.errors import ExportError, PlanError
 from mixq.formats import Format, IntFormat, QTensor
 from mixq.formats.kquant import KQuantFormat, fp16_bytes
-from mixq.models import module_by_name
+from mixq.models import matrix_by_name
 
 FLOAT_TYPES = {"f16": QType.F16, "bf16": QType.BF16, "f32": QType.F32}
 #: (bits, scheme) of a mixq integer format with groups of 32 -> the GGUF type that stores it exactly
@@ -160,7 +160,7 @@ def unstorable(model: nn.Module, layers: Mapping[str, Any]) -> dict[str, str]:
         elif q.codes.shape[1] % gguf.GGML_QUANT_SIZES[qtype][0]:
             bad[name] = f"{fmt.name}: rows of {q.codes.shape[1]} are not whole {qtype.name} blocks"
         else:
-            weight = module_by_name(model, name).weight
+            weight = matrix_by_name(model, name).get()
             if not torch.equal(fmt.dequantize(q).to(weight.dtype).cpu(), weight.detach().cpu()):
                 raise ExportError(f"layer {name!r}: the model's weight is not its codes' value "
                                   "(export the model that quantize_ returned these layers for)")
@@ -171,7 +171,7 @@ def _tensors(model: nn.Module, layers: Mapping[str, Any], arch: Arch, float_laye
              source: gguf.GGUFReader | None) -> list[_Tensor]:
     config = model.config
     mapping = gguf.get_tensor_name_map(_model_arch(arch.gguf), config.num_hidden_layers)
-    by_param = {id(module_by_name(model, n).weight): n for n in layers}
+    by_param = {id(matrix_by_name(model, n).param): n for n in layers}
     from_source = {t.name: t for t in source.tensors} if source is not None else {}
     out = []
     for hf_name, param in model.named_parameters():
