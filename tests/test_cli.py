@@ -138,3 +138,17 @@ def test_no_traceback_from_the_real_entry_point(tmp_path, text_file):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip().startswith("mixq: error:")
+
+
+def test_eval_on_the_packaged_excerpt_says_so(capsys, tiny_dir, monkeypatch):
+    """No data directory, offline: wikitext2 is the excerpt, and the output says so everywhere."""
+    monkeypatch.delenv("MIXQ_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = _run(capsys, "eval", "--model", str(tiny_dir), "--plan", "base", *EVAL)
+    row = json.loads(out)
+    assert code == 0 and row["data_source"] == "excerpt" and row["windows"] == 3
+    assert row["dataset_note"] == ("wikitext2/test: no data directory given; using the packaged excerpt (322 lines of "
+                                   "the test split, CC BY-SA 4.0); perplexities are not comparable with the full split")
+    assert row["dataset_note"] in err
+    code, out, _ = _run(capsys, "eval", "--model", str(tiny_dir), "--plan", "base", *EVAL[:-1])
+    assert code == 0 and "wikitext2/test (packaged excerpt)" in " ".join(out.split())  # the title, however wrapped

@@ -154,6 +154,7 @@ def test_the_hub_needs_datasets(monkeypatch):
     import importlib.util
 
     monkeypatch.delenv("MIXQ_DATA_DIR", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name, *a))
@@ -174,6 +175,7 @@ def test_the_cli_is_offline_unless_told(monkeypatch, capsys):
     from mixq.cli import main
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)  # set by an earlier zero-shot evaluation, if any
     assert main(["formats", "--json"]) == 0
     assert os.environ["HF_HUB_OFFLINE"] == "1" and not hub_reachable()
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
