@@ -28,8 +28,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 venv: $(VENV)/.installed
 
+# The fused Triton sweeps need CUDA; on a CPU they run under Triton's interpreter, where the whole
+# module takes minutes (80 s of CPU on 2 cores): CI runs a representative subset there, GPTQ with act
+# order and outliers, GPTQ with groups longer than its blocks, QuantEase with outliers (~25 s).
+FUSED := tests/test_fused_sweeps.py
+FUSED_SUBSET := "$(FUSED)::test_fused_gptq_matches_the_loop[int3-g32-options9]" \
+	"$(FUSED)::test_fused_gptq_matches_the_loop[int4-g64-options2]" \
+	"$(FUSED)::test_fused_quantease_matches_the_loop[int3-g32-solve_quantease-options3]" \
+	"$(FUSED)::test_a_format_without_a_kernel_takes_the_loop" "$(FUSED)::test_the_interpreter_runs_the_kernels"
+
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider $(FUSED_SUBSET)
 
 demo: venv
 	$(VENV)/bin/mixq eval --model smollm2-135m --plan base,int8,int4-g128,nf4-g64,mxfp4 \

@@ -13,11 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def tiny_llama(*, tie: bool = True, vocab: int = 300, seed: int = 0):
+def tiny_llama(*, tie: bool = True, vocab: int = 300, seed: int = 0, hidden_size: int = 64, intermediate_size: int = 96):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=tie)
     model = LlamaForCausalLM(config).eval()
@@ -69,3 +69,13 @@ def data_dir() -> Path:
     if not (root / "wikitext2" / "test.raw").is_file():
         pytest.skip("WikiText-2 data directory not available")
     return root
+
+
+@pytest.fixture(scope="session")
+def wikitext_root() -> Path:
+    """A data directory holding wikitext2/{test,validation}.raw: the shared one when there, else the
+    excerpt shipped in the package, so tests that need a few windows of WikiText run on a fresh clone."""
+    from mixq.data import EXCERPT
+
+    root = Path(os.environ.get("MIXQ_DATA_DIR", SHARED_DATA))
+    return root if (root / "wikitext2" / "test.raw").is_file() else Path(str(EXCERPT))

@@ -81,3 +81,9 @@ def test_a_format_without_a_kernel_takes_the_loop():
     assert not kernels.available(parse_format("mxint8"), DEVICE)
     if os.environ.get("TRITON_INTERPRET") != "1":
         assert not kernels.available(parse_format("int4"), torch.device("cpu"))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="only under Triton's interpreter (CI's CPU run)")
+def test_the_interpreter_runs_the_kernels():
+    """CI runs this module with TRITON_INTERPRET=1: the kernels must then be there, not skipped unseen."""
+    assert kernels.available(parse_format("int4"), torch.device("cpu")), "TRITON_INTERPRET=1 but Triton is not installed"

@@ -30,8 +30,8 @@ def smol():
 
 
 @pytest.fixture(scope="module")
-def win(smol, data_dir):
-    return windows(tokenize(smol.tokenizer, load_text("wikitext2", "test", root=data_dir)), 256, limit=3)
+def win(smol, wikitext_root):
+    return windows(tokenize(smol.tokenizer, load_text("wikitext2", "test", root=wikitext_root)), 256, limit=3)
 
 
 def test_layers_and_identity(smol):
@@ -62,8 +62,8 @@ def test_rtn_quality_order(smol, win):
     assert results["int3-g128"][1] > 20 * results["int8"][1]
 
 
-def test_cli_eval_json(capsys, data_dir, smol):
-    code = main(["eval", "--model", "smollm2-135m", "--plan", "int4-g128", "--data-dir", str(data_dir),
+def test_cli_eval_json(capsys, wikitext_root, smol):
+    code = main(["eval", "--model", "smollm2-135m", "--plan", "int4-g128", "--data-dir", str(wikitext_root),
                  "--seqlen", "128", "--limit", "2", "--json", "--device", "cpu"])
     row = json.loads(capsys.readouterr().out)
     assert code == 0
@@ -74,3 +74,32 @@ def test_cli_eval_json(capsys, data_dir, smol):
     assert row["bits_per_weight"] == pytest.approx(bits / sum(r * c for r, c, _ in shapes), rel=1e-12)
     assert row["provenance"]["model"]["sha256"] == SMOLLM2_SHA256 and row["tokens"] == 2 * 127
     assert row["size_bytes"] == Plan.preset("int4-g128").size_bytes(smol.model)
+
+
+def test_quantize_out_of_the_gguf_model_reloads_to_the_same_perplexity(capsys, wikitext_root, smol, tmp_path):
+    """``quantize --out`` on the GGUF-loaded default model (transformers marks it quantized with "gguf" and
+    would refuse to save it) writes a plain Hugging Face folder whose perplexity is the in-memory one.
+
+    Exactly, not to rounding: the fake-quantized weights are saved in float32 and read back bit for bit,
+    the folder's config builds the same network, the saved tokenizer gives the same windows, and the
+    same CPU kernels sum in the same order."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", "smollm2-135m", "--plan", "int4-g128", "--out", str(out), "--device", "cpu",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["out"] == str(out)
+    saved = out / "model"
+    assert "quantization_config" not in json.loads((saved / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(saved)
+    assert getattr(model, "hf_quantizer", None) is None and not hasattr(model.config, "quantization_config")
+    text = load_text("wikitext2", "test", root=wikitext_root)[:20000]
+    assert torch.equal(tokenize(AutoTokenizer.from_pretrained(saved), text), tokenize(smol.tokenizer, text))
+
+    common = ["--data-dir", str(wikitext_root), "--seqlen", "128", "--limit", "2", "--device", "cpu", "--json"]
+    assert main(["eval", "--model", str(saved), *common]) == 0
+    reloaded = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--model", "smollm2-135m", "--plan", "int4-g128", *common]) == 0
+    in_memory = json.loads(capsys.readouterr().out)
+    assert reloaded["tokens"] == in_memory["tokens"] == 2 * 127
+    assert reloaded["ppl"] == in_memory["ppl"] and reloaded["nll"] == in_memory["nll"]

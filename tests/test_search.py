@@ -52,14 +52,64 @@ def test_units_and_tied_layers(model, granularity, count):
                 assert all(f"{b}.{t}" in u.layers for t in tied)
 
 
+def _recording(real, asked):  # type: ignore[no-untyped-def]
+    """``make_proposer`` whose proposers also note every assignment they propose."""
+
+    def make(name, context):  # type: ignore[no-untyped-def]
+        proposer = real(name, context)
+
+        class Recorded:
+            def ask(self):  # type: ignore[no-untyped-def]
+                assignment, handle = proposer.ask()
+                asked.append(dict(assignment))
+                return assignment, handle
+
+            def tell(self, handle, values):  # type: ignore[no-untyped-def]
+                proposer.tell(handle, values)
+
+            def reject(self, handle):  # type: ignore[no-untyped-def]
+                proposer.reject(handle)
+
+            def add(self, assignment, values):  # type: ignore[no-untyped-def]
+                proposer.add(assignment, values)
+
+        return Recorded()
+
+    return make
+
+
 @pytest.mark.parametrize("backend", ["random", "tpe", "nsga2", "nsga3", "qmc", "gp", "evo", "ax"])
-def test_every_backend_respects_the_budget(model, score, tmp_path, backend):
+def test_every_backend_respects_the_budget(model, score, tmp_path, backend, monkeypatch):
+    """The loop repairs what does not fit, so the trials alone cannot tell a backend that ignores the
+    budget from one that keeps it: the proposals themselves are checked, and the repair count."""
+    from mixq.search import loop
+    from mixq.search.backends.ax import SOBOL_TRIALS
+
+    asked: list[dict[str, str]] = []
+    monkeypatch.setattr(loop, "make_proposer", _recording(loop.make_proposer, asked))
     space = SearchSpace(choices=CHOICES, granularity="layer")
     config = SearchConfig(backend=backend, trials=6, max_bits=4.0, seed=1)
     trials = run_search(model, space, score, config, tmp_path / backend, meta=_meta(space), progress=False)
-    assert len(trials) == 6
+    units = space.units(model)
+    size = SizeModel(space, units, model)
+    fits = lambda a: config.budget_ok(*size(a))  # noqa: E731
+    assert len(trials) == len(asked) == 6  # no starts: one proposal per trial, a rejected one not counted
+    for a in asked:  # each proposal assigns every unit one of the space's choices
+        assert set(a) == {u.name for u in units} and set(a.values()) <= set(CHOICES)
+    for i, (a, t) in enumerate(zip(asked, trials)):  # a fitting proposal is scored as proposed, another repaired
+        if fits(a):
+            assert t["assignment"] == a and t["source"] in (backend, "random")
+        else:
+            assert t["source"] == "repaired" and t["assignment"] == repair(space, units, a, fits)
+        assert t["rejected_so_far"] == sum(not fits(b) for b in asked[: i + 1])
+    assert all(t["bits_per_weight"] <= 4.0 for t in trials)
+    # the backends that know the budget keep it: evo's mutations of a finished trial (all but its
+    # first proposal) and Ax's GP proposals under the linear size constraint (after its Sobol trials)
+    aware = {"evo": asked[1:], "ax": asked[SOBOL_TRIALS:]}.get(backend, [])
+    assert all(fits(a) for a in aware)
+    if backend not in ("evo", "ax"):  # the samplers explore: not one proposal over and over
+        assert len({json.dumps(a, sort_keys=True) for a in asked}) > 1
     for t in trials:
-        assert t["bits_per_weight"] <= 4.0
         for tied in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):  # tied layers share a spec
             for b in range(2):
                 fmts = {r["format"] for r in t["plan"]["rules"] if r["match"].rsplit(".", 1)[-1] in tied
@@ -116,10 +166,10 @@ def _search_argv(tiny_dir, data_dir, run_dir, trials):
             "--device", "cpu", "--json"]
 
 
-def test_killed_search_resumes(tiny_dir, data_dir, tmp_path):
+def test_killed_search_resumes(tiny_dir, wikitext_root, tmp_path):
     run_dir = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mixq.cli", *_search_argv(tiny_dir, data_dir, run_dir, 100000)],
+    proc = subprocess.Popen([sys.executable, "-m", "mixq.cli", *_search_argv(tiny_dir, wikitext_root, run_dir, 100000)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     trials = run_dir / "trials.jsonl"
     deadline = time.time() + 120
@@ -131,7 +181,7 @@ def test_killed_search_resumes(tiny_dir, data_dir, tmp_path):
     before = [json.loads(x) for x in trials.read_text().splitlines() if x.strip().endswith("}")]
     assert len(before) >= 3
     total = len(before) + 4
-    code = main(_search_argv(tiny_dir, data_dir, run_dir, total) + ["--resume"])
+    code = main(_search_argv(tiny_dir, wikitext_root, run_dir, total) + ["--resume"])
     assert code == 0
     after = [json.loads(x) for x in trials.read_text().splitlines() if x.strip()]
     assert [t["number"] for t in after] == list(range(total))  # all trials of both parts, none duplicated
@@ -142,8 +192,8 @@ def test_killed_search_resumes(tiny_dir, data_dir, tmp_path):
     assert (run_dir / "pareto.png").stat().st_size > 1000 and (run_dir / "bits.png").is_file()
 
 
-def test_search_cli_errors(capsys, tiny_dir, data_dir, tmp_path):
-    argv = _search_argv(tiny_dir, data_dir, tmp_path / "e", 3)
+def test_search_cli_errors(capsys, tiny_dir, wikitext_root, tmp_path):
+    argv = _search_argv(tiny_dir, wikitext_root, tmp_path / "e", 3)
     assert main([*argv[:-1], "--backend", "magic"]) == 2
     assert "unknown backend 'magic'" in capsys.readouterr().err
     i = argv.index("--max-bits")
@@ -154,7 +204,7 @@ def test_search_cli_errors(capsys, tiny_dir, data_dir, tmp_path):
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
 
-def test_guided_and_user_starts(capsys, tiny_dir, data_dir, text_file, tmp_path):
+def test_guided_and_user_starts(capsys, tiny_dir, wikitext_root, text_file, tmp_path):
     sens = tmp_path / "sens.json"
     assert main(["sensitivity", "--model", str(tiny_dir), "--method", "fit", "--formats", ",".join(CHOICES),
                  "--calib-dataset", str(text_file), "--nsamples", "2", "--seqlen", "24", "--out", str(sens),
@@ -162,7 +212,7 @@ def test_guided_and_user_starts(capsys, tiny_dir, data_dir, text_file, tmp_path)
     plan = tmp_path / "user.yaml"
     plan.write_text("default: int3-g32\n")
     run_dir = tmp_path / "guided"
-    argv = _search_argv(tiny_dir, data_dir, run_dir, 9) + ["--sens", str(sens), "--starts", "2", "--initial", str(plan)]
+    argv = _search_argv(tiny_dir, wikitext_root, run_dir, 9) + ["--sens", str(sens), "--starts", "2", "--initial", str(plan)]
     assert main(argv) == 0
     trials = [json.loads(x) for x in (run_dir / "trials.jsonl").read_text().splitlines()]
     initial = [t for t in trials if t["source"] == "initial"]
@@ -174,7 +224,7 @@ def test_guided_and_user_starts(capsys, tiny_dir, data_dir, text_file, tmp_path)
     assert all(t["bits_per_weight"] <= 4.5 for t in trials)
     bad = tmp_path / "bad.yaml"
     bad.write_text("default: nf4-g32\n")
-    assert main(_search_argv(tiny_dir, data_dir, tmp_path / "bad", 3) + ["--initial", str(bad)]) == 2
+    assert main(_search_argv(tiny_dir, wikitext_root, tmp_path / "bad", 3) + ["--initial", str(bad)]) == 2
     assert "not a choice of the space" in capsys.readouterr().err
 
 
@@ -204,8 +254,8 @@ def test_pareto_front_search(model, score, tmp_path):
                    meta=_meta(space), progress=False)
 
 
-def test_pareto_cli_without_budget(capsys, tiny_dir, data_dir, tmp_path):
-    argv = _search_argv(tiny_dir, data_dir, tmp_path / "front", 6)
+def test_pareto_cli_without_budget(capsys, tiny_dir, wikitext_root, tmp_path):
+    argv = _search_argv(tiny_dir, wikitext_root, tmp_path / "front", 6)
     i = argv.index("--max-bits")
     argv = argv[:i] + argv[i + 2 :] + ["--objective", "pareto", "--backend", "nsga2"]
     assert main(argv) == 0

@@ -46,7 +46,7 @@ def eval_tasks(tasks: str | None, dataset: str, data_dir: str | None) -> tuple[s
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixq.data import bos_rule, load_text, tokenize, windows
+    from mixq.data import bos_rule, load_text, text_source, tokenize, windows
     from mixq.evaluate import kl_divergence, perplexity
     from mixq.quantize import quantized_copy
 
@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.kl and dataset is None:
         raise MixqError("--kl compares the models on perplexity windows: add wikitext2 to --tasks")
     text = load_text(dataset, args.split, root=args.data_dir) if dataset else None  # a missing file fails before loading
+    source = text_source(dataset, args.split, root=args.data_dir) if dataset else None
     loaded = load_for(args, run_)
     for _, plan in plans:
         plan.size_report(loaded.model)  # refuse a bad plan before evaluating anything
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             if win is not None:
                 ppl = perplexity(model, win, batch_size=run_.batch_size, progress=not args.json)
                 row.update({"ppl": ppl.ppl, "dataset": dataset, "split": args.split, "seqlen": args.seqlen,
-                            **ppl.to_dict()})
+                            "data_source": source.kind, "dataset_note": source.note, **ppl.to_dict()})
             row.update({"bits_per_weight": report.bits_per_weight, "size_bytes": report.size_bytes,
                         "quantized_layers": report.layers, "quantized_weights": report.quantized_weights,
                         "quantize_seconds": q.seconds if q else 0.0, "size": report.to_dict(),
@@ -115,7 +116,8 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace, dataset: str | N
     from rich.table import Table
 
     w = rows[0]
-    where = f"{dataset}/{args.split} · {w['windows']} × {args.seqlen} tokens" if "ppl" in w else "zero-shot"
+    excerpt = " (packaged excerpt)" if w.get("data_source") == "excerpt" else ""
+    where = f"{dataset}/{args.split}{excerpt} · {w['windows']} × {args.seqlen} tokens" if "ppl" in w else "zero-shot"
     out = Table(title=f"{args.model} · {where}")
     cols = ["plan"] + (["ppl"] if "ppl" in w else []) + ["bits/weight", "size (MB)"] + (["KL"] if args.kl else [])
     for t in tasks:
