@@ -28,6 +28,7 @@ FAMILY_EXAMPLES = {
     "bfp": ["bfp4-g16"], "mxint": ["mxint8"], "fp": ["fp8-e4m3", "fp6-e3m2-g32", "fp4-e2m1-raw", "fp8-e5m2-dn"],
     "mxfp": ["mxfp4", "mxfp6-e2m3"], "bmf": ["bmf6-e3m2-g16"], "log": ["log4-g16", "log3"], "blog": ["blog4-g16"],
     "nf": ["nf4-g32", "nf3", "nf2-g64"], "fxp": ["fxp8-f5", "fxp4-f2", "fxp12-f10"],
+    "q": ["q2-k", "q3-k", "q4-k", "q5-k", "q6-k"],
 }
 EVERY_FORMAT = [f for names in FAMILY_EXAMPLES.values() for f in names]
 
@@ -93,7 +94,8 @@ def test_every_registered_family_has_an_example():
 @pytest.mark.parametrize("name", EVERY_FORMAT)
 def test_every_format_round_trips_through_its_stored_tensors(name):
     fmt = parse_format(name)
-    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(len(name))) * 0.05
+    cols = 256 if name in FAMILY_EXAMPLES["q"] else 96  # k-quants cut rows into super-blocks of 256
+    w = torch.randn(24, cols, generator=torch.Generator().manual_seed(len(name))) * 0.05
     q = fmt.quantize(w)
     entry, tensors = checkpoint.encode_layer("x", QuantizedLayer(LayerSpec.of(name), q), w)
     assert entry["codes"]["bits"] == fmt.code_bits

@@ -149,10 +149,14 @@ def encode_layer(name: str, layer: QuantizedLayer, weight: Tensor) -> tuple[dict
         "codes": _packed(f"{name}.codes", codes, bits, 2 ** (bits - 1) if signed else 0, tensors),
         "params": {},
     }
+    param_bits = getattr(fmt, "param_bits", lambda _: None)  # integer parameters a format counts at a width
     for pname, value in q.params.items():
         key = f"{name}.{pname}"
         value = value.detach().cpu()
-        if pname == "zero" and _integral(value):  # integer zero points, counted at the code width
+        width = param_bits(pname)
+        if width and _integral(value):  # e.g. k-quants' 4/6/8-bit sub-block scales (signed ones stored offset)
+            entry["params"][pname] = _packed(key, value, width, 2 ** (width - 1) if value.min() < 0 else 0, tensors)
+        elif pname == "zero" and _integral(value):  # integer zero points, counted at the code width
             entry["params"][pname] = _packed(key, value, bits, 2 ** (bits - 1), tensors)
         elif pname == "exp" and _integral(value) and value.abs().max() <= 127:  # E8M0 shared exponents
             entry["params"][pname] = {"tensor": key, "dtype": _dtype_name(value), "shape": list(value.shape)}

@@ -107,6 +107,11 @@ class KQuantFormat(Format):
         per_sub = lay.scale_bits * (2 if lay.has_min else 1)
         return self.nsub * per_sub + 16 * (2 if lay.has_min else 1)  # + fp16 d (and dmin)
 
+    def param_bits(self, name: str) -> int | None:
+        """Bits one stored value of parameter ``name`` takes (the sub-block scales and minima, counted at
+        the layout's width); None for the fp16 super-block scales ``d`` and ``dmin``."""
+        return self.layout.scale_bits if name[:2] in ("sc", "m0", "m1") else None
+
     def group_width(self, cols: int) -> int:
         if cols % QK_K:
             raise FormatError(f"{self.name}: k-quants need rows that are a multiple of {QK_K} weights, "
