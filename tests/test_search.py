@@ -278,3 +278,116 @@ def test_space_yaml_is_validated(tmp_path, text, message):
     path.write_text(text + "\n")
     with pytest.raises(PlanError, match=re.escape(message)):
         SearchSpace.load(path)
+
+
+def _latency_table(tiny_dir, path):
+    """A latency table for the tiny model, fabricated as a GPU's would be measured: every Linear's 16-bit
+    time, and each choice on every kernel that serves it at ``bits / 16`` of that (plus a fixed launch)."""
+    from transformers import AutoModelForCausalLM
+
+    from mixq.formats import parse_format
+    from mixq.runtime.kernels import KERNELS
+    from mixq.runtime.latency import BASE, LatencyTable, layer_key, linear_shapes, record_rest
+
+    shapes = linear_shapes(AutoModelForCausalLM.from_pretrained(tiny_dir))
+    table = LatencyTable("NVIDIA H200|torch 2.11.0")
+    for shape in set(shapes.values()):
+        base = 1e-6 * shape[0] * shape[1] / 1024
+        table.layers[layer_key(shape, BASE, BASE, 1)] = base
+        for name in CHOICES:
+            fmt = parse_format(name)
+            for kernel in KERNELS.values():
+                if kernel.check(fmt, shape, torch.bfloat16) is None:
+                    table.layers[layer_key(shape, name, kernel.name, 1)] = 2e-6 + base * fmt.code_bits / 16
+    record_rest(table, shapes, model_key="tiny", batch=1, base_step_seconds=2e-3)
+    table.save(path)
+    return table
+
+
+def test_throughput_objective_keeps_every_pick_under_the_perplexity_bound(tiny_dir, wikitext_root, tmp_path):
+    """--objective throughput --max-ppl: each trial's predicted time is the table's sum, a trial is feasible
+    exactly when its perplexity is within the bound, every feasible trial ranks above every infeasible one,
+    and the best plan is the fastest feasible trial."""
+    from mixq.plan import Plan
+    from mixq.runtime.latency import LatencyModel, LatencyTable
+
+    table_path = tmp_path / "latency.json"
+    _latency_table(tiny_dir, table_path)
+
+    def search(run_dir, max_ppl):
+        argv = _search_argv(tiny_dir, wikitext_root, run_dir, 8)
+        i = argv.index("--max-bits")
+        argv = argv[:i] + argv[i + 2:] + ["--objective", "throughput", "--max-ppl", str(max_ppl),
+                                          "--latency-table", str(table_path), "--latency-model", "tiny"]
+        assert main(argv) == 0
+        return [json.loads(x) for x in (run_dir / "trials.jsonl").read_text().splitlines() if x.strip()]
+
+    loose = search(tmp_path / "loose", 1e9)
+    assert all(t["feasible"] for t in loose)
+    bound = sorted(t["ppl"] for t in loose)[len(loose) // 2]
+    trials = search(tmp_path / "tight", bound)
+    assert {t["feasible"] for t in trials} == {True, False}
+    assert len({round(t["predicted_s"], 12) for t in trials}) > 1  # int4 and int8 layers run on faster kernels
+    for t in trials:
+        assert t["feasible"] == (t["ppl"] <= bound)
+        assert t["predicted_tokens_per_s"] == pytest.approx(1.0 / t["predicted_s"])
+    worst_feasible = max(t["loss"] for t in trials if t["feasible"])
+    assert worst_feasible < min(t["loss"] for t in trials if not t["feasible"])
+    # the prediction of one trial, summed again from the table by hand
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    lm = LatencyModel.for_model(LatencyTable.load(table_path), model.to(torch.bfloat16), model_key="tiny", batch=1)
+    t0 = trials[0]
+    plan = Plan.from_dict(t0["plan"])
+    assert t0["predicted_s"] == pytest.approx(sum(lm.breakdown(plan).values()))
+    report = json.loads((tmp_path / "tight" / "report.json").read_text())
+    fastest = min((t for t in trials if t["feasible"]), key=lambda t: t["predicted_s"])
+    assert report["latency"]["best_tokens_per_s"] == pytest.approx(1.0 / fastest["predicted_s"])
+    assert report["latency"]["base_tokens_per_s"] == pytest.approx(1.0 / sum(lm.breakdown(Plan()).values()))
+
+
+GGUF_AND_TORCHAO = ["int2-g32", "int3-g32", "int4-g32", "int8", "int4-sym-g32", "q4-k", "int8-sym-g32", "int4-fmin-g32"]
+
+
+@pytest.mark.parametrize("target, kept", [
+    ("torchao", {"int4-g32", "int4-sym-g32", "int4-fmin-g32", "int8"}),  # tinygemm (int4, groups 32..256), int8
+    ("gguf", {"int4-sym-g32", "int8-sym-g32", "int4-fmin-g32"}),  # Q4_0, Q8_0, Q4_1; q4-k needs rows of 256
+])
+def test_a_target_keeps_the_choices_it_serves(target, kept):
+    from conftest import tiny_llama
+    from mixq.search.target import restrict
+
+    model = tiny_llama()
+    space = SearchSpace.from_dict({"granularity": "layer", "choices": GGUF_AND_TORCHAO, "target": target})
+    units = space.units(model)
+    restricted = restrict(space, model, units)
+    assert {u.name: set(restricted.choices_of(u.name)) for u in units} == {u.name: kept for u in units}
+    assert SearchSpace.from_dict(restricted.to_dict()) == restricted
+    assert restrict(restricted, model, units).choices_of(units[0].name) == restricted.choices_of(units[0].name)
+
+
+def test_a_target_that_serves_nothing_names_the_unit():
+    from conftest import tiny_llama
+    from mixq.search.target import restrict
+
+    model = tiny_llama()
+    space = SearchSpace.from_dict({"granularity": "layer", "choices": ["int2-g32", "int3-g32"], "target": "torchao"})
+    with pytest.raises(PlanError, match=r"target torchao serves none of the choices \(int2-g32, int3-g32\) on unit "
+                                        r"model\.layers\.0\.self_attn\.q_proj\+k_proj\+v_proj \(shapes 32x64, 64x64\)"):
+        restrict(space, model, space.units(model))
+    with pytest.raises(PlanError, match="target 'vllm' is not one of torchao, gemlite, gguf"):
+        SearchSpace.from_dict({"choices": ["int8"], "target": "vllm"})
+
+
+def test_search_on_a_target_proposes_only_what_it_serves(tiny_dir, wikitext_root, tmp_path):
+    run_dir = tmp_path / "target"
+    argv = _search_argv(tiny_dir, wikitext_root, run_dir, 5)
+    i = argv.index("--max-bits")
+    argv = argv[:i] + ["--max-bits", "8.5"] + argv[i + 2:]
+    (tmp_path / "space.yaml").write_text(json.dumps({"granularity": "layer", "choices": list(CHOICES), "target": "torchao"}))
+    assert main(argv) == 0
+    trials = [json.loads(x) for x in (run_dir / "trials.jsonl").read_text().splitlines() if x.strip()]
+    assert len(trials) == 5
+    used = {r["format"] for t in trials for r in t["plan"]["rules"]}
+    assert used and used <= {"int4-g32", "int8"}  # int2-g32 and int3-g32 have no torchao kernel

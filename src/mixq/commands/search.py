@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from mixq.search.seed_files import bind_space, export_seed_files, initial_starts, read_space, seed_space_of
     from mixq.search.size import SizeModel
     from mixq.search.starts import guided_starts
+    from mixq.search.target import restrict as restrict_to_target
     from mixq.search.store import Store
     from mixq.search.timing import requantize_seconds
 
@@ -147,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         seed_space_of(space, model)  # a space the seed files cannot hold is refused before the search
     identity = loaded.identity()
     units = space.units(model)
+    space = restrict_to_target(space, model, units)  # target: torchao | gemlite | gguf (a no-op without)
     db = key = calib = build = None
     if space.needs_calibration() or args.db is not None:  # the trials read a layer database
         key, calib = calibration_key(args, loaded, run_)

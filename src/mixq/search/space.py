@@ -10,6 +10,7 @@
     tied: [[q_proj, k_proj, v_proj], [gate_proj, up_proj]]   # fused by serving engines
     allowed:                    # units searched among fewer of the choices (e.g. from a seed file)
       - {match: model.layers.3, choices: [int4-g128, int8]}
+    target: torchao             # only the choices a serving target runs: torchao | gemlite | gguf
 
 A *choice* is a format, a format and a solver (``int4-g128:gptq``), or a format, a solver and
 its options (``int3-g128:quantease:outliers=0.01``, or the mapping ``{format: int3-g128,
@@ -26,6 +27,9 @@ nearest in cost (``size.project``) before it is checked and scored.
 ``fraction: profile`` (with ``profile: PATH``, a ``mixq profile`` file): the choices are
 fixed-point widths (``fxp8``) and every layer takes ``fxp{W}-f{F}`` with its own fraction
 width ``F = W − 1 − ceil(log2 max|w|)`` from the profile (``mixq.profile.fraction_format``).
+
+``target`` keeps, for each unit, the choices its target's kernels serve on the unit's shapes
+(``search.target.restrict``, applied once the model is known: it adds ``allowed`` rules).
 
 Tied groups (vLLM fuses q/k/v and gate/up and wants one scheme per fused group) are the
 default; ``tied: []`` searches every layer on its own (which serving engines may refuse).
@@ -121,8 +125,13 @@ class SearchSpace:
     profile: str | None = None  # the profile file of fraction: profile
     profile_absmax: tuple[tuple[str, float], ...] = ()  # max |w| per layer, read from it
     options: tuple[tuple[str, Any], ...] = ()  # options of ``solver`` for the choices that name none
+    target: str | None = None  # torchao | gemlite | gguf: only choices that target serves (search.target)
 
     def __post_init__(self) -> None:
+        from mixq.search.target import TARGETS
+
+        if self.target is not None and self.target not in TARGETS:
+            raise PlanError(f"search space: target {self.target!r} is not one of {', '.join(TARGETS)}")
         if self.granularity not in GRANULARITIES:
             raise PlanError(f"search space: granularity {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
         if not self.choices:
@@ -192,6 +201,8 @@ class SearchSpace:
             d.update({"fraction": self.fraction, "profile": self.profile})
         if self.options:
             d["options"] = dict(self.options)
+        if self.target is not None:
+            d["target"] = self.target
         return d
 
     @classmethod
@@ -199,7 +210,7 @@ class SearchSpace:
         if not isinstance(d, dict):
             raise PlanError("a search space is a mapping (granularity, choices, ...)")
         unknown = set(d) - {"granularity", "choices", "solver", "options", "include", "fixed", "tied", "allowed",
-                            "fraction", "profile"}
+                            "fraction", "profile", "target"}
         if unknown:
             raise PlanError(f"search space: unknown key(s) {', '.join(sorted(unknown))}")
         fixed = []
@@ -215,7 +226,7 @@ class SearchSpace:
             if not isinstance(t, list) or not all(isinstance(x, str) for x in t):
                 raise PlanError(f"search space: tied[{i}] must be a list of layer names (e.g. [q_proj, k_proj, v_proj]), "
                                 f"got {t!r}")
-        for key in ("granularity", "solver", "fraction", "profile"):
+        for key in ("granularity", "solver", "fraction", "profile", "target"):
             if d.get(key) is not None and not isinstance(d[key], str):
                 raise PlanError(f"search space: {key!r} must be a string, got {d[key]!r}")
         options = d.get("options") or {}
@@ -233,7 +244,7 @@ class SearchSpace:
         space = cls(choices=tuple(name(c) for c in choices), granularity=str(d.get("granularity", "block")),
                     solver=solver, include=tuple(map(str, _list_of(d, "include", "layer names or 're:' patterns"))),
                     fixed=tuple(fixed), tied=tuple(tuple(t) for t in tied), allowed=tuple(allowed), fraction=fraction,
-                    options=tuple(sorted(options.items())))
+                    options=tuple(sorted(options.items())), target=d.get("target"))
         return space.with_profile(d["profile"]) if d.get("profile") is not None else space
 
     @classmethod
