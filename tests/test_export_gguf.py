@@ -121,7 +121,7 @@ def test_types_and_size(exported):
 
 def test_dequantises_to_the_fake_quantized_weights_exactly(exported):
     model, _, out = exported
-    from mixq.models import module_by_name
+    modules = dict(model.named_modules())
 
     names = {"token_embd.weight": "model.embed_tokens", "output.weight": "lm_head",
              "blk.1.attn_q.weight": "model.layers.1.self_attn.q_proj",
@@ -129,7 +129,7 @@ def test_dequantises_to_the_fake_quantized_weights_exactly(exported):
              "blk.1.ffn_down.weight": "model.layers.1.mlp.down_proj", "output_norm.weight": "model.norm"}
     weights = gguf_weights(out.path, model.config)
     for gguf_name, hf in names.items():
-        assert np.array_equal(weights[gguf_name], module_by_name(model, hf).weight.detach().numpy()), gguf_name
+        assert np.array_equal(weights[gguf_name], modules[hf].weight.detach().numpy()), gguf_name
     # the permutation is llama.cpp's (a row reorder that moves whole blocks)
     q = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
     assert not np.array_equal(llama_permute(q, 4), q)

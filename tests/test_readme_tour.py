@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import re
@@ -44,7 +45,7 @@ class Tiny:
     defaults and caps, over the shared ones."""
 
     model: str | None
-    defaults: dict[str, str] = field(default_factory=dict)
+    defaults: dict[str, str | None] = field(default_factory=dict)  # None: a flag without a value
     caps: dict[str, int] = field(default_factory=dict)
 
 
@@ -57,15 +58,32 @@ COMMANDS = {
     "allocate": Tiny(model=None),
     "report": Tiny(model=None),
     "embed-eval": Tiny(model="encoder", defaults={"--limit": "8"}, caps={"--limit": 8, "--nsamples": 4}),
+    "generate": Tiny(model="causal", caps={"--max-new-tokens": 4}),
+    "plot-weights": Tiny(model="causal"),
+    "profile": Tiny(model="causal"),
+    "database": Tiny(model="causal"),
+    "export": Tiny(model="causal"),
+    # on a CPU: fake-quant, every step launched (the README's CUDA commands there, tiny)
+    "bench-speed": Tiny(model="causal", defaults={"--new-tokens": "2", "--prompt": "4", "--prefill": "0", "--batch": "1",
+                                                  "--no-graphs": None},
+                        caps={"--new-tokens": 2, "--prompt": 4, "--prefill": 0}),
 }
 #: sub-commands that cannot run on a CPU with a tiny model: name -> why (their tests are skipped)
 NOT_ON_CPU: dict[str, str] = {}
+#: options whose commands cannot run here: option -> why (skipped; each names the test that covers it)
+NOT_HERE = {
+    "--ray-address": "needs a running Ray cluster (tests/test_distributed.py runs a local one)",
+    "--random-weights": "builds a model of Llama-3-8B's shapes (16 GB in bf16) for a GPU's kernels",
+    "--latency-table": "predicts decode time from a GPU's measurements of the real model's shapes "
+                       "(tests/test_search.py: the throughput objective on a table made for the tiny model)",
+}
 #: added where the command takes the option and the README gives none
 DEFAULTS = {"--seqlen": "32", "--limit": "2", "--nsamples": "2", "--trials": "4"}
 #: README values capped to these
-CAPS = {"--limit": 2, "--nsamples": 2, "--trials": 4, "--task-limit": 4, "--max-iter": 2, "--starts": 2}
+CAPS = {"--limit": 2, "--nsamples": 2, "--trials": 4, "--task-limit": 4, "--max-iter": 2, "--starts": 2, "--workers": 1}
 #: options added after a README option with this value: QuantEase's 30 sweeps cut to 3
-FOLLOW = {("--solver", "quantease"): ["--option", "iterations=3"], ("--solver", "gptq+quantease"): ["--option", "iterations=3"]}
+FOLLOW = {("--solver", "quantease"): ["--option", "iterations=3"], ("--solver", "gptq+quantease"): ["--option", "iterations=3"],
+          ("--space", "bench/space_quantease.yaml"): ["--option", "iterations=3"]}
 #: README placeholders for files an earlier command wrote
 VALUES = {"sens.json": "runs/sens.json", "RUN_DIR": "runs/x"}
 #: a plan in the choices of bench/space_layer.yaml, for ``--initial my_plan.yaml``
@@ -115,10 +133,15 @@ def plan_yaml(text: str) -> str:
 
 
 # -- making a command tiny ----------------------------------------------------------------------
-def _options(sub: str) -> set[str]:
+def _options(sub: str, rest: list[str] = ()) -> set[str]:
+    """The options of ``mixq SUB`` (of ``mixq SUB ACTION`` for a command with actions: ``database build``)."""
     parser = build_parser([])
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return set(action.choices[sub]._option_string_actions)
+    sub_parser = action.choices[sub]
+    nested = [a for a in sub_parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if nested and rest and rest[0] in nested[0].choices:
+        sub_parser = nested[0].choices[rest[0]]
+    return set(sub_parser._option_string_actions)
 
 
 def _named_model_installed(name: str) -> bool:
@@ -144,10 +167,15 @@ def tiny_argv(argv: list[str], models: dict[str, Path], data: Path) -> list[str]
                     f"{sub!r}; add it to COMMANDS (how it runs tiny) or NOT_ON_CPU (why it cannot run on a CPU)")
     tiny = COMMANDS[sub]
     caps = {**CAPS, **tiny.caps}
-    accepted = _options(sub)
-    out = [sub]
     args = argv[2:]
+    accepted = _options(sub, args)
+    out = [sub]
     given = {a for a in args if a.startswith("--")}
+    for opt, why in NOT_HERE.items():
+        if opt in given:
+            pytest.skip(f"`{shlex.join(argv)}` {why}")
+    if "--workers" in given and importlib.util.find_spec("ray") is None:
+        pytest.skip("--workers needs Ray (pip install 'mixq[ray]')")
     for i, a in enumerate(args):
         prev = args[i - 1] if i else ""
         if prev in caps and not a.startswith("--"):
@@ -157,13 +185,16 @@ def tiny_argv(argv: list[str], models: dict[str, Path], data: Path) -> list[str]
         elif prev == "--device":
             a = "cpu"
         a = VALUES.get(a, a)
-        out.append(",".join(str(REPO / x) if x.startswith("bench/") else x for x in a.split(",")))  # repository files
+        if prev == "--out":
+            out.append(a)  # outputs stay in the tour's folder, even those the README writes under bench/
+        else:
+            out.append(",".join(str(REPO / x) if x.startswith("bench/") else x for x in a.split(",")))  # repository files
         out += FOLLOW.get((prev, a), [])
-    if tiny.model and "--model" not in given:
+    if tiny.model and "--model" not in given and "--model" in accepted:  # not database info
         out += ["--model", str(models[tiny.model])]
     for opt, value in {**DEFAULTS, **tiny.defaults, "--data-dir": str(data), "--device": "cpu"}.items():
         if opt in accepted and opt not in given:
-            out += [opt, value]
+            out += [opt] if value is None else [opt, value]  # None: a flag
     return out
 
 
@@ -234,8 +265,10 @@ def test_tiny_argv_substitutes_and_caps():
     assert tiny_argv(["mixq", "formats"], models, data) == ["formats"]
     assert tiny_argv(["mixq", "eval", "--solver", "quantease"], models, data)[:5] == [
         "eval", "--solver", "quantease", "--option", "iterations=3"]
-    with pytest.raises(pytest.fail.Exception, match="does not know the sub-command 'bench-speed'"):
-        tiny_argv(["mixq", "bench-speed", "--plan", "int4-g128"], models, data)
+    with pytest.raises(pytest.fail.Exception, match="does not know the sub-command 'no-such-command'"):
+        tiny_argv(["mixq", "no-such-command", "--plan", "int4-g128"], models, data)
+    assert tiny_argv(["mixq", "plot-weights", "--out", "bench/results/w.png"], models, data)[:3] == [
+        "plot-weights", "--out", "bench/results/w.png"]  # never the repository's own files
 
 
 @pytest.mark.parametrize("argv", COMMAND_LINES, ids=[f"{i:02d} {' '.join(a[1:4])}" for i, a in enumerate(COMMAND_LINES)])

@@ -345,6 +345,16 @@ def test_throughput_objective_keeps_every_pick_under_the_perplexity_bound(tiny_d
     fastest = min((t for t in trials if t["feasible"]), key=lambda t: t["predicted_s"])
     assert report["latency"]["best_tokens_per_s"] == pytest.approx(1.0 / fastest["predicted_s"])
     assert report["latency"]["base_tokens_per_s"] == pytest.approx(1.0 / sum(lm.breakdown(Plan()).values()))
+    # a bound relative to a uniform choice: measured on the scoring windows (those of the uniform start)
+    rel = search(tmp_path / "relative", "int8+5%")
+    int8 = next(t for t in rel if t["plan"]["default"] is None and {r["format"] for r in t["plan"]["rules"]} == {"int8"})
+    meta = json.loads((tmp_path / "relative" / "config.json").read_text())
+    assert meta["max_ppl_rule"]["ppl"] == pytest.approx(int8["ppl"], rel=1e-9)
+    assert meta["max_ppl_rule"]["max_ppl"] == pytest.approx(1.05 * int8["ppl"], rel=1e-9)
+    assert all(t["feasible"] == (t["ppl"] <= 1.05 * int8["ppl"] * (1 + 1e-12)) for t in rel)
+    with pytest.raises(MixqError, match=r"--max-ppl 'int8\+five': expected a perplexity"):
+        from mixq.commands.search import relative_bound
+        relative_bound("int8+five")
 
 
 GGUF_AND_TORCHAO = ["int2-g32", "int3-g32", "int4-g32", "int8", "int4-sym-g32", "q4-k", "int8-sym-g32", "int4-fmin-g32"]

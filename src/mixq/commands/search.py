@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                          "accurate enough); pareto: the perplexity/size (or --pareto-over latency) front; acc: highest "
                          "mean zero-shot accuracy over --tasks within the budget; throughput: the fastest plan (decode "
                          "time predicted by --latency-table) whose validation perplexity is at most --max-ppl")
-    se.add_argument("--max-ppl", type=float, default=None, metavar="X",
-                    help="with --objective throughput: the perplexity bound on the scoring windows")
+    se.add_argument("--max-ppl", default=None, metavar="X",
+                    help="with --objective throughput: the perplexity bound on the scoring windows, a number or "
+                         "CHOICE+P%% (e.g. int8+5%%: uniform int8's perplexity on the same windows, plus 5%%)")
     se.add_argument("--pareto-over", default="size", choices=["size", "latency"],
                     help="with --objective pareto: the second objective, model size or predicted decode time")
     lat = se.add_argument_group("latency model (--objective throughput, --pareto-over latency)")
@@ -120,11 +123,13 @@ def run(args: argparse.Namespace) -> int:
     check_backend(args.backend, 2 if args.objective == "pareto" else 1)  # before loading anything
     cluster = cluster_of(args, device)  # Ray checked for before anything loads
     tasks = parse_tasks(args.tasks)
+    bound_rule = relative_bound(args.max_ppl)  # (choice, fraction) of CHOICE+P%, else None
     config = SearchConfig(backend=args.backend, trials=args.trials, max_bits=args.max_bits,
                           max_size=None if args.max_size is None else parse_size(args.max_size), seed=args.seed,
                           batch_size=batch, objective=args.objective, tasks=tasks, task_limit=args.task_limit,
-                          task_metric=args.task_metric, min_acc=args.min_acc, max_ppl=args.max_ppl,
-                          pareto_over=args.pareto_over)
+                          task_metric=args.task_metric, min_acc=args.min_acc,
+                          max_ppl=None if args.max_ppl is None else (1.0 if bound_rule else float(args.max_ppl)),
+                          pareto_over=args.pareto_over)  # a CHOICE+P% bound is measured once the windows are read
     if config.needs_latency and args.latency_table is None:
         raise MixqError(f"--objective {args.objective}{' --pareto-over latency' if args.objective == 'pareto' else ''} "
                         "predicts decode time: give --latency-table (measured by bench/speed.py)")
@@ -174,11 +179,17 @@ def run(args: argparse.Namespace) -> int:
 
     cache = WeightCache.for_space(model, space, units, database=db)
     latency = _latency(args, model, space, units) if args.latency_table else None
+    bound = None
+    if bound_rule is not None:
+        bound = _measured_bound(bound_rule, space, units, cache, model, score, batch)
+        config = dataclasses.replace(config, max_ppl=bound["max_ppl"])
+        say(args, f"--max-ppl {args.max_ppl}: uniform {bound['choice']} scores {bound['ppl']:.4f} on the scoring "
+                  f"windows; bound {bound['max_ppl']:.4f}")
     size = SizeModel(space, units, model)
     meta = {"model": args.model, "model_sha256": identity["sha256"], "space": space.to_dict(), **config.describe(),
             "max_bits": config.max_bits, "max_size": config.max_size, "seqlen": args.seqlen, "limit": limit,
             "backend": args.backend, "trials": args.trials, "seed": args.seed, "command": args.command_line,
-            "database": None if key is None else key.digest()}
+            "database": None if key is None else key.digest(), **({"max_ppl_rule": bound} if bound else {})}
     initial = [Start(f"uniform {c}", {u.name: c for u in units}) for c in space.choices]  # uniform baselines first
     initial += [s for p in args.initial for s in initial_starts(p, space, units, model, given)]
     guided = []
@@ -404,6 +415,37 @@ def _save_best_plan(path: Path, plan: Any, solution: str, key: Any, args: argpar
            "solution)" if solution == "independent" else
            "sequential: each block solved on the outputs of the quantized blocks before it")
     path.write_text(f"# solution: {how}\n# reproduce: {_reproduce(solution, key, args)}\n" + plan.to_yaml())
+
+
+def relative_bound(text: str | None) -> tuple[str, float] | None:
+    """``CHOICE+P%`` as (choice, P / 100); None for a plain number (or no bound)."""
+    if text is None:
+        return None
+    try:
+        float(text)
+        return None
+    except ValueError:
+        pass
+    m = re.fullmatch(r"(.+)\+(\d+(?:\.\d+)?)%", text.strip())
+    if m is None:
+        raise MixqError(f"--max-ppl {text!r}: expected a perplexity (e.g. 22.7) or CHOICE+P% (e.g. int8+5%)")
+    return m.group(1), float(m.group(2)) / 100
+
+
+def _measured_bound(rule: tuple[str, float], space: Any, units: list[Any], cache: Any, model: Any, score: Any,
+                    batch: int) -> dict[str, Any]:
+    """The perplexity of the space's choice uniform on the scoring windows, and the bound above it."""
+    from mixq.evaluate import perplexity
+    from mixq.search.space import choice_name
+
+    choice, fraction = rule
+    name = choice_name(choice, space.solver, dict(space.options))
+    if name not in space.choices:
+        raise MixqError(f"--max-ppl {choice}+{fraction * 100:g}%: {name} is not a choice of the space "
+                        f"({', '.join(space.choices)})")
+    cache.apply(units, {u.name: name for u in units})
+    ppl = perplexity(model, score, batch_size=batch).ppl
+    return {"choice": name, "fraction": fraction, "ppl": ppl, "max_ppl": ppl * (1 + fraction)}
 
 
 def latency_device(path: str, device: str | None) -> str:
