@@ -6,8 +6,7 @@ whole command (``mixq report RUN_DIR``: a sub-command with arguments that the pa
 a fragment such as ``mixq eval --tasks`` is prose).  Each runs through ``mixq.cli.main`` in a
 temporary folder (relative outputs land there), in README order, bash blocks first, with:
 
-- a tiny random model for the default one (``--model`` added where none is given; a named model
-  the README gives explicitly is kept when its package is installed);
+- a tiny random model for every model (``--model`` replaced, or added where none is given);
 - a tiny data directory (the packaged WikiText excerpt and a few zero-shot questions);
 - small sizes: options in ``DEFAULTS`` added where the command takes them and none is given,
   values capped by ``CAPS``, options in ``FOLLOW`` added after the README's; ``--device cpu``.
@@ -144,19 +143,6 @@ def _options(sub: str, rest: list[str] = ()) -> set[str]:
     return set(sub_parser._option_string_actions)
 
 
-def _named_model_installed(name: str) -> bool:
-    from mixq.errors import ModelError
-    from mixq.models import NAMED_ENCODERS, NAMED_MODELS, resolve_model
-
-    if name not in NAMED_MODELS and name not in NAMED_ENCODERS:
-        return False
-    try:
-        resolve_model(name)
-    except ModelError:
-        return False
-    return True
-
-
 def tiny_argv(argv: list[str], models: dict[str, Path], data: Path) -> list[str]:
     """The README command ``argv`` (``mixq SUB ...``) with tiny sizes, models and data, for ``main``."""
     sub = argv[1]
@@ -180,7 +166,7 @@ def tiny_argv(argv: list[str], models: dict[str, Path], data: Path) -> list[str]
         prev = args[i - 1] if i else ""
         if prev in caps and not a.startswith("--"):
             a = str(min(int(a), caps[prev]))
-        elif prev == "--model" and not _named_model_installed(a):
+        elif prev == "--model":  # the named models load in tens of seconds on a CPU: tests/test_integration.py
             a = str(models[tiny.model or "causal"])
         elif prev == "--device":
             a = "cpu"
