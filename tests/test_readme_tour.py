@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import re
@@ -71,6 +70,7 @@ COMMANDS = {
 NOT_ON_CPU: dict[str, str] = {}
 #: options whose commands cannot run here: option -> why (skipped; each names the test that covers it)
 NOT_HERE = {
+    "--workers": "starts Ray actors, a few seconds each (tests/test_distributed.py runs them on a local Ray)",
     "--ray-address": "needs a running Ray cluster (tests/test_distributed.py runs a local one)",
     "--random-weights": "builds a model of Llama-3-8B's shapes (16 GB in bf16) for a GPU's kernels",
     "--latency-table": "predicts decode time from a GPU's measurements of the real model's shapes "
@@ -79,7 +79,7 @@ NOT_HERE = {
 #: added where the command takes the option and the README gives none
 DEFAULTS = {"--seqlen": "32", "--limit": "2", "--nsamples": "2", "--trials": "4"}
 #: README values capped to these
-CAPS = {"--limit": 2, "--nsamples": 2, "--trials": 4, "--task-limit": 4, "--max-iter": 2, "--starts": 2, "--workers": 1}
+CAPS = {"--limit": 2, "--nsamples": 2, "--trials": 4, "--task-limit": 4, "--max-iter": 2, "--starts": 2}
 #: options added after a README option with this value: QuantEase's 30 sweeps cut to 3
 FOLLOW = {("--solver", "quantease"): ["--option", "iterations=3"], ("--solver", "gptq+quantease"): ["--option", "iterations=3"],
           ("--space", "bench/space_quantease.yaml"): ["--option", "iterations=3"]}
@@ -160,8 +160,6 @@ def tiny_argv(argv: list[str], models: dict[str, Path], data: Path) -> list[str]
     for opt, why in NOT_HERE.items():
         if opt in given:
             pytest.skip(f"`{shlex.join(argv)}` {why}")
-    if "--workers" in given and importlib.util.find_spec("ray") is None:
-        pytest.skip("--workers needs Ray (pip install 'mixq[ray]')")
     for i, a in enumerate(args):
         prev = args[i - 1] if i else ""
         if prev in caps and not a.startswith("--"):

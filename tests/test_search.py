@@ -315,7 +315,7 @@ def test_throughput_objective_keeps_every_pick_under_the_perplexity_bound(tiny_d
     _latency_table(tiny_dir, table_path)
 
     def search(run_dir, max_ppl):
-        argv = _search_argv(tiny_dir, wikitext_root, run_dir, 8)
+        argv = _search_argv(tiny_dir, wikitext_root, run_dir, 6)
         i = argv.index("--max-bits")
         argv = argv[:i] + argv[i + 2:] + ["--objective", "throughput", "--max-ppl", str(max_ppl),
                                           "--latency-table", str(table_path), "--latency-model", "tiny"]
