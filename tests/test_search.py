@@ -345,6 +345,11 @@ def test_throughput_objective_keeps_every_pick_under_the_perplexity_bound(tiny_d
     fastest = min((t for t in trials if t["feasible"]), key=lambda t: t["predicted_s"])
     assert report["latency"]["best_tokens_per_s"] == pytest.approx(1.0 / fastest["predicted_s"])
     assert report["latency"]["base_tokens_per_s"] == pytest.approx(1.0 / sum(lm.breakdown(Plan()).values()))
+    base_row = next(r for r in report["rows"] if r["label"].startswith("base"))
+    assert base_row["predicted_tokens_per_s"] == pytest.approx(report["latency"]["base_tokens_per_s"])
+    assert report["infeasible"] == sum(not t["feasible"] for t in trials)
+    md = (tmp_path / "tight" / "report.md").read_text()
+    assert "decode tok/s (predicted)" in md and f"{report['infeasible']} trials were above it" in md
     # a bound relative to a uniform choice: measured on the scoring windows (those of the uniform start)
     rel = search(tmp_path / "relative", "int8+5%")
     int8 = next(t for t in rel if t["plan"]["default"] is None and {r["format"] for r in t["plan"]["rules"]} == {"int8"})

@@ -254,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
             rep = plan.size_report(model)
             row = {**scored(label, m), "bits_per_weight": rep.bits_per_weight, "size_bytes": rep.size_bytes}
         row["seconds"] = time.perf_counter() - t0
+        if latency is not None and latency.predict_plan is not None:
+            row["predicted_tokens_per_s"] = 1.0 / latency.predict_plan(plan)
         return row
 
     def from_cache(label: str, assignment: dict[str, str]) -> dict[str, Any]:
@@ -351,7 +353,9 @@ def run(args: argparse.Namespace) -> int:
                        f"{len(sequential)} plans also solved sequentially, the better solution on validation kept "
                        f"({best['solution']})")
     best_record = {k: v for k, v in best.items() if k != "test_row"}
-    report = {"model": args.model, "backend": args.backend, "budget": budget or "none (Pareto front)", "rows": rows,
+    if not budget:
+        budget = "none (Pareto front)" if config.objective == "pareto" else "none"
+    report = {"model": args.model, "backend": args.backend, "budget": budget, "rows": rows,
               "dtype": dtype,
               "space": space.to_dict(), "units": len(units),
               "score": f"{len(score)} validation windows × {args.seqlen} (re-scored on {len(rescore)})",
@@ -389,8 +393,10 @@ def run(args: argparse.Namespace) -> int:
             f"zero-shot {config.task_metric} (lm-eval), mean over {', '.join(tasks)}: trials on {subset} of each task"
             f"{rescored}; final table on {final_subset} of each task (lm-eval takes the first examples, so the "
             "final ones include those the search selected on: the searched plan's final accuracy is not held out)")
-    if config.min_acc is not None:
+    if config.min_acc is not None or config.objective == "throughput":
         report["infeasible"] = sum(not feasible(t) for t in trials)
+    if bound is not None:
+        report["max_ppl_rule"] = bound
     write_report(run_dir, report, Store(run_dir).trials())
     if args.json:
         print(json.dumps({k: report[k] for k in ("rows", "budget", "rejected")} | {"best_plan": str(run_dir / "best_plan.yaml")}))
@@ -468,7 +474,7 @@ def _latency(args: argparse.Namespace, model: Any, space: Any, units: list[Any])
     key = args.latency_model or args.model
     # the kernels run in bf16 whatever dtype the search scores in
     lm = LatencyModel(table, linear_shapes(model), key, args.latency_batch, args.kernel_backend, torch.bfloat16, model)
-    return Latency(lambda a: lm.predict(space.plan(units, a)), lm.predict(Plan()))
+    return Latency(lambda a: lm.predict(space.plan(units, a)), lm.predict(Plan()), lm.predict)
 
 
 def _measure_speed(args: argparse.Namespace, model: Any, rows: list[dict[str, Any]], best_plan: Any, space: Any,

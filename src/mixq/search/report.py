@@ -32,13 +32,15 @@ def write_report(run_dir: Path, report: dict[str, Any], trials: list[dict[str, A
     lines += _objective_lines(objective, report)
     tasks = list(rows[0].get("tasks", {})) if rows else []
     metric = objective.get("task_metric") or "acc"
+    speed = any("predicted_tokens_per_s" in r for r in rows)
     head = ["plan", "ppl (final)", *(f"{t} {metric} (%)" for t in tasks), *([f"mean {metric} (%)"] if tasks else []),
-            "bits/weight", "size (bytes)"]
+            "bits/weight", "size (bytes)", *(["decode tok/s (predicted)"] if speed else [])]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         accs = [_pct(r["tasks"][t], metric) for t in tasks] + ([f"{100 * r['acc']:.1f}"] if tasks else [])
+        tps = ([f"{r['predicted_tokens_per_s']:.1f}" if "predicted_tokens_per_s" in r else ""] if speed else [])
         lines.append(" | ".join(["", r["label"], f"{r['ppl']:.3f}", *accs, f"{r['bits_per_weight']:.4f}",
-                                 f"{r['size_bytes']:,}", ""]).strip())
+                                 f"{r['size_bytes']:,}", *tps, ""]).strip())
     if report.get("starts"):
         acc = any("acc" in s for s in report["starts"])
         lines += ["", "Starts (evaluated before the backend's proposals; ppl on the scoring windows"
@@ -63,7 +65,16 @@ def _objective_lines(objective: dict[str, Any], report: dict[str, Any]) -> list[
     """What the trials were scored on, in words (older reports: perplexity)."""
     kind, tasks = objective.get("objective", "ppl"), objective.get("tasks")
     lines = []
-    if kind == "acc":
+    if kind == "throughput":
+        rule = report.get("max_ppl_rule")
+        bound = (f"uniform {rule['choice']}'s {rule['ppl']:.4f} + {100 * rule['fraction']:g}% = {objective['max_ppl']:.4f}"
+                 if rule else f"{objective['max_ppl']}")
+        lat = report.get("latency") or {}
+        lines.append(f"Objective: the highest decode tokens/s predicted by the latency table ({lat.get('device', '?')}, "
+                     f"batch {lat.get('batch', '?')}) among plans whose perplexity on the scoring windows is at most "
+                     f"{bound}; {report.get('infeasible', 0)} trials were above it (kept in trials.jsonl with "
+                     "feasible: false). The final table's tokens/s are predictions for that GPU, not measured here.")
+    elif kind == "acc":
         lines.append(f"Objective: the highest mean zero-shot {objective['task_metric']} over {', '.join(tasks)} "
                      "(the study minimises 1 − acc); perplexity is recorded alongside.")
     elif objective.get("min_acc") is not None:
