@@ -357,6 +357,10 @@ def test_throughput_objective_keeps_every_pick_under_the_perplexity_bound(tiny_d
     assert meta["max_ppl_rule"]["ppl"] == pytest.approx(int8["ppl"], rel=1e-9)
     assert meta["max_ppl_rule"]["max_ppl"] == pytest.approx(1.05 * int8["ppl"], rel=1e-9)
     assert all(t["feasible"] == (t["ppl"] <= 1.05 * int8["ppl"] * (1 + 1e-12)) for t in rel)
+    rel_report = json.loads((tmp_path / "relative" / "report.json").read_text())
+    rule = rel_report["max_ppl_rule"]
+    assert rule["rescore_max_ppl"] == pytest.approx(1.05 * rule["rescore_ppl"])
+    assert rel_report["best"]["rescore_ppl"] <= rule["rescore_max_ppl"]  # uniform int8 itself is in the re-scored top
     with pytest.raises(MixqError, match=r"--max-ppl 'int8\+five': expected a perplexity"):
         from mixq.commands.search import relative_bound
         relative_bound("int8+five")

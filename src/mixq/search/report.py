@@ -67,8 +67,9 @@ def _objective_lines(objective: dict[str, Any], report: dict[str, Any]) -> list[
     lines = []
     if kind == "throughput":
         rule = report.get("max_ppl_rule")
-        bound = (f"uniform {rule['choice']}'s {rule['ppl']:.4f} + {100 * rule['fraction']:g}% = {objective['max_ppl']:.4f}"
-                 if rule else f"{objective['max_ppl']}")
+        bound = (f"uniform {rule['choice']}'s {rule['ppl']:.4f} + {100 * rule['fraction']:g}% = {objective['max_ppl']:.4f} "
+                 f"(the re-scored best trials: at most {rule['rescore_max_ppl']:.4f}, the same rule on the re-scoring "
+                 "windows)" if rule else f"{objective['max_ppl']}")
         lat = report.get("latency") or {}
         lines.append(f"Objective: the highest decode tokens/s predicted by the latency table ({lat.get('device', '?')}, "
                      f"batch {lat.get('batch', '?')}) among plans whose perplexity on the scoring windows is at most "
