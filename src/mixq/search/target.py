@@ -7,7 +7,6 @@
 Each unit keeps the choices its target serves on every one of its layers' shapes (a kernel's
 alignment rules depend on the shape); the space gets one ``allowed`` rule per unit that loses
 some.  A unit left with none is an error that names it, its shapes and the space's choices.
-The 16-bit choice (``base``) is always kept: every engine runs it.
 """
 
 from __future__ import annotations
@@ -17,10 +16,9 @@ from collections.abc import Iterable
 from torch import nn
 
 from mixq.errors import PlanError
-from mixq.formats import Format
+from mixq.formats import Format, parse_format
 
 TARGETS = ("torchao", "gemlite", "gguf")
-_BASE = ("base", "bf16", "fp16", "none")
 
 
 def _gguf_serves(fmt: Format, shape: tuple[int, int]) -> bool:
@@ -53,9 +51,10 @@ def restrict(space, model: nn.Module, units: Iterable):  # noqa: ANN001, ANN201 
         return space
     rules = []
     for unit in units:
-        shapes = sorted({matrix_by_name(model, n).shape for n in unit.layers})
-        keep = tuple(c for c in space.choices_of(unit.name)
-                     if c.lower() in _BASE or all(serves(space.target, space.spec(c).format, s) for s in shapes))
+        shape = {n: matrix_by_name(model, n).shape for n in unit.layers}
+        shapes = sorted(set(shape.values()))
+        keep = tuple(c for c in space.choices_of(unit.name)  # format_of: a fraction: profile width per layer
+                     if all(serves(space.target, parse_format(space.format_of(n, c)), shape[n]) for n in unit.layers))
         if not keep:
             raise PlanError(f"search space: target {space.target} serves none of the choices "
                             f"({', '.join(space.choices_of(unit.name))}) on unit {unit.name} (shapes "
