@@ -14,7 +14,6 @@ from mixq.runtime.latency import (
     BASE,
     LatencyModel,
     LatencyTable,
-    kernel_choices,
     layer_key,
     linear_shapes,
     record_rest,
@@ -138,10 +137,17 @@ def test_throughput_loss_ranks_infeasible_last():
         throughput_loss(0.0, 10.0, max_ppl=10.5, base_seconds=3e-3)
 
 
-def test_kernel_choices_for_a_target():
-    choices = ["base", "int2-g64", "int3-g128", "int4-g128", "int8", "int4-sym-g128", "nf4-g64"]
+def test_kernel_targets_serve_by_shape():
+    """A search space's target: (mixq.search.target) asks the kernels' own checks, shape by shape."""
+    from mixq.formats import parse_format
+    from mixq.search.target import serves
+
+    def kept(choices, shapes, target):
+        return [c for c in choices if all(serves(target, parse_format(c), s) for s in shapes)]
+
+    choices = ["int2-g64", "int3-g128", "int4-g128", "int8", "int4-sym-g128", "nf4-g64"]
     shapes = [(576, 576), (192, 576)]
-    assert kernel_choices(choices, shapes, "torchao") == ["base", "int4-g128", "int8", "int4-sym-g128"]
-    assert kernel_choices(choices, shapes, "gemlite") == ["base"]  # 576 wide: gemlite's blocks do not tile it
-    assert kernel_choices(choices, [(4096, 4096)], "gemlite") == ["base", "int2-g64", "int4-g128", "int8", "int4-sym-g128"]
-    assert kernel_choices(["int4-g128"], [(4096, 100)], "torchao") == []
+    assert kept(choices, shapes, "torchao") == ["int4-g128", "int8", "int4-sym-g128"]
+    assert kept(choices, shapes, "gemlite") == []  # 576 wide: gemlite's blocks do not tile it
+    assert kept(choices, [(4096, 4096)], "gemlite") == ["int2-g64", "int4-g128", "int8", "int4-sym-g128"]
+    assert kept(["int4-g128"], [(4096, 100)], "torchao") == []

@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
             rep = plan.size_report(model)
             row = {**scored(label, m), "bits_per_weight": rep.bits_per_weight, "size_bytes": rep.size_bytes}
         row["seconds"] = time.perf_counter() - t0
-        if latency is not None and latency.predict_plan is not None:
+        if latency is not None:
             row["predicted_tokens_per_s"] = 1.0 / latency.predict_plan(plan)
         return row
 

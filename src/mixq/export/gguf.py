@@ -146,19 +146,28 @@ def _arch(model: nn.Module) -> Arch:
     return ARCHS[model_type]
 
 
+def row_refusal(fmt: Format, cols: int) -> str | None:
+    """Why GGUF cannot store ``fmt`` on rows of ``cols`` weights (no type, or rows that are not whole
+    blocks of it), or None."""
+    qtype = gguf_type(fmt)
+    if qtype is None:
+        return f"{fmt.name}: no GGUF type"
+    if cols % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return f"{fmt.name}: rows of {cols} are not whole {qtype.name} blocks"
+    return None
+
+
 def unstorable(model: nn.Module, layers: Mapping[str, Any]) -> dict[str, str]:
     """Planned layers GGUF cannot store, each with the reason; refuses a layer whose codes are
     not the model's weight (layers from another model or run)."""
     bad: dict[str, str] = {}
     for name, layer in layers.items():
         fmt, q = layer.spec.format, layer.qtensor
-        qtype = gguf_type(fmt)
-        if qtype is None:
-            bad[name] = f"{fmt.name}: no GGUF type"
-        elif layer.outliers is not None:
-            bad[name] = f"{fmt.name} with 16-bit outliers: GGUF has no sparse part"
-        elif q.codes.shape[1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-            bad[name] = f"{fmt.name}: rows of {q.codes.shape[1]} are not whole {qtype.name} blocks"
+        why = row_refusal(fmt, q.codes.shape[1])
+        if why is None and layer.outliers is not None:
+            why = f"{fmt.name} with 16-bit outliers: GGUF has no sparse part"
+        if why is not None:
+            bad[name] = why
         else:
             weight = matrix_by_name(model, name).get()
             if not torch.equal(fmt.dequantize(q).to(weight.dtype).cpu(), weight.detach().cpu()):

@@ -13,8 +13,8 @@ the 16-bit Linear (``BASE``).  Times are stored in JSON keyed by GPU and torch v
 then by ``"{out}x{in}|{format}|{kernel}|{batch}"``.
 
 For the search (``--objective throughput --max-ppl X``): ``LatencyModel.predict(plan)``
-gives seconds per step, ``throughput_loss`` the value to minimise with the bound, and
-``kernel_choices`` restricts a space's formats to those a ``target`` serves.
+gives seconds per step and ``throughput_loss`` the value to minimise with the bound; a space's
+``target:`` keeps the formats its kernels serve (``mixq.search.target``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch import nn
 from mixq.errors import MixqError
 from mixq.formats import Format, parse_format
 from mixq.plan import Plan
-from mixq.runtime.kernels import KERNELS, choose_kernel, serves
+from mixq.runtime.kernels import KERNELS, choose_kernel
 from mixq.runtime.speed import module_bytes, timed
 
 TABLE_VERSION = 1
@@ -184,18 +184,6 @@ def throughput_loss(seconds: float, ppl: float, *, max_ppl: float, base_seconds:
     if not math.isfinite(ppl) or ppl > max_ppl:
         return 1.0 + (ppl / max_ppl - 1.0 if math.isfinite(ppl) else 1.0), False
     return seconds / (seconds + base_seconds), True
-
-
-def kernel_choices(choices: Iterable[str], shapes: Iterable[tuple[int, int]], target: str,
-                   dtype: torch.dtype = torch.bfloat16) -> list[str]:
-    """The formats of ``choices`` that a ``target`` kernel serves on every one of ``shapes``
-    (a search unit's layers); ``base``/``bf16`` choices are kept."""
-    shapes = list(shapes)
-    keep = []
-    for c in choices:
-        if c.lower() in ("base", BASE, "fp16", "none") or all(serves(parse_format(c), s, target, dtype) for s in shapes):
-            keep.append(c)
-    return keep
 
 
 # -- measuring (CUDA) --------------------------------------------------------------------

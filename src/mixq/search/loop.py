@@ -115,7 +115,7 @@ class Latency:
 
     predict: Callable[[dict[str, str]], float]
     base_seconds: float
-    predict_plan: Callable[[Any], float] | None = None  # the same for a Plan (the final table's rows)
+    predict_plan: Callable[[Any], float]  # the same for a Plan (the final table's rows)
 
 
 def score_assignment(model: nn.Module, cache: WeightCache, units: list[Unit], assignment: dict[str, str],

@@ -1,5 +1,8 @@
 """A search space restricted to the choices a serving target runs (``target:`` in the space file).
 
+The one place mixq asks "does this target run this format at this shape" for a search: the kernels'
+own checks (``runtime.kernels.serves``) and GGUF's (``export.gguf.row_refusal``).
+
     target: torchao     # choices a torchao kernel serves (mixq.runtime.kernels: int4 tinygemm, int8)
     target: gemlite     # choices a GemLite kernel serves (1/2/4/8-bit integer, grouped)
     target: gguf        # choices with a GGUF type llama.cpp reads (Q8_0, Q4_0/1, Q5_0/1, Q2_K..Q6_K)
@@ -21,19 +24,12 @@ from mixq.formats import Format, parse_format
 TARGETS = ("torchao", "gemlite", "gguf")
 
 
-def _gguf_serves(fmt: Format, shape: tuple[int, int]) -> bool:
-    from mixq.export.gguf import GGML_BLOCK, gguf_type
-    from mixq.formats.kquant import QK_K, KQuantFormat
-
-    if gguf_type(fmt) is None:
-        return False
-    return shape[1] % (QK_K if isinstance(fmt, KQuantFormat) else GGML_BLOCK) == 0
-
-
 def serves(target: str, fmt: Format, shape: tuple[int, int]) -> bool:
     """Whether ``target`` runs a ``[out, in]`` layer of ``shape`` stored in ``fmt``."""
     if target == "gguf":
-        return _gguf_serves(fmt, shape)
+        from mixq.export.gguf import row_refusal
+
+        return row_refusal(fmt, shape[1]) is None
     if target in ("torchao", "gemlite"):
         from mixq.runtime.kernels import serves as kernel_serves
 
